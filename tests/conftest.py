@@ -1,0 +1,59 @@
+"""Shared fixtures: a real S3-compatible server on loopback (moto in server mode)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from moto.server import ThreadedMotoServer
+
+S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on 127.0.0.1 that a test can stop and start again on the same port.
+
+    moto keeps its buckets in process memory, so objects survive a stop/start, like a real
+    server coming back after an outage.
+    """
+
+    port: int
+    _server: ThreadedMotoServer | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        if self._server is None:
+            self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+            self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(request: pytest.FixtureRequest) -> str:
+    """A bucket name unique to the test (S3 names: lowercase, digits, dashes; 3-63 chars)."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
+    return f"t-{name}"[:63].rstrip("-")
