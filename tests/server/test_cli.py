@@ -1,0 +1,66 @@
+"""The `hmem` CLI: profiles listing, and `tiers check` against real tiers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from tests.conftest import S3Server
+
+
+def test_profiles_lists_builtin_and_user_profiles(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = tmp_path / "mine.toml"
+    extra.write_text('[lab-nas]\nlatency_ms = 2.5\nbandwidth_mb_s = 110\nsource = "our NAS"\n')
+    assert main(["tiers", "profiles", "--profiles", str(extra)]) == 0
+    out = capsys.readouterr().out
+    assert "seed-external-disk" in out
+    assert "lab-nas" in out
+    assert "110 MB/s" in out
+
+
+def test_check_reports_each_tier(
+    tmp_path: Path, s3_server: S3Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = tmp_path / "hmem.toml"
+    settings.write_text(
+        f"""
+[store.tiers.flash]
+kind = "lmdb"
+path = "{tmp_path / "flash"}"
+[store.tiers.cloud]
+kind = "s3"
+bucket = "never-created"
+endpoint_url = "{s3_server.endpoint_url}"
+access_key_id = "testing"
+secret_access_key = "testing-secret"
+max_attempts = 1
+[store.placement]
+1 = "flash"
+3 = "cloud"
+"""
+    )
+    assert main(["tiers", "check", "--config", str(settings)]) == 1
+    out = capsys.readouterr().out
+    assert "flash        ok    0 blocks" in out
+    assert "cloud        DOWN" in out
+    assert "NoSuchBucket" in out
+    assert "testing-secret" not in out
+
+
+def test_bad_settings_are_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = tmp_path / "hmem.toml"
+    settings.write_text(
+        '[store.tiers.d]\nkind = "disk"\nroot = "/tmp/x"\n[store.placement]\n1="d"\n'
+    )
+    monkeypatch.setenv("HMEM_STORE__DEADLINE_S", "-1")
+    assert main(["tiers", "check", "--config", str(settings)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "hmem: error: invalid settings: store.deadline_s: Input should be greater than 0"
+    assert main(["tiers", "check", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
