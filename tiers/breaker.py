@@ -51,14 +51,14 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
-    def before_call(self) -> None:
-        """Raise `CircuitOpenError` unless a call may go to the tier now."""
+    def before_call(self) -> bool:
+        """Raise `CircuitOpenError` unless a call may go to the tier now; True for a probe."""
         state = self.state
         if state is BreakerState.CLOSED:
-            return
+            return False
         if state is BreakerState.HALF_OPEN and not self._probing:
             self._probing = True  # this caller is the probe; others wait for its verdict
-            return
+            return True
         assert self._opened_at is not None
         retry_in = max(0.0, self._opened_at + self.reset_timeout_s - self._clock())
         raise CircuitOpenError(self.tier, retry_in)

@@ -13,7 +13,7 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from tiers.base import Buffer, Consume, T, Tier
+from tiers.base import Buffer, Consume, T, Tier, to_bytes
 
 
 class CappedTier:
@@ -55,7 +55,7 @@ class CappedTier:
         return result
 
     async def get(self, key: str) -> bytes | None:
-        return await self.read(key, memoryview.tobytes)
+        return await self.read(key, to_bytes)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.get(k) for k in keys)))

@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tiers.base import Buffer, Consume, T, Tier
+from tiers.base import Buffer, Consume, T, Tier, to_bytes
 from tiers.errors import ConfigError
 
 
@@ -124,7 +124,7 @@ class ProfiledTier:
         return result
 
     async def get(self, key: str) -> bytes | None:
-        return await self.read(key, memoryview.tobytes)
+        return await self.read(key, to_bytes)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.get(k) for k in keys)))

@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from tiers.base import Tier
-from tiers.breaker import BreakerState, CircuitBreaker
+from tiers.base import Tier, to_bytes
+from tiers.breaker import CircuitBreaker
 from tiers.cache import BlockCache
 from tiers.capped import CappedTier
 from tiers.errors import (
@@ -64,7 +64,7 @@ class BytesCodec:
     """The identity codec: blocks stay bytes."""
 
     def decode(self, view: memoryview) -> bytes:
-        return view.tobytes()
+        return to_bytes(view)
 
     def nbytes(self, value: bytes) -> int:
         return len(value)
@@ -74,8 +74,10 @@ class BytesCodec:
 class StorePolicy:
     """Deadlines, breaker and background-write settings. Defaults suit an interactive server."""
 
-    deadline_s: float = 2.0  # whole fetch of one block, through every tier tried
-    tier_timeout_s: float | None = None  # one tier read; None: the deadline
+    deadline_s: float = 2.0  # a caller's wait for one block, through every tier tried
+    # One tier read. It may outlive its caller's deadline so that a late block still lands in
+    # the cache for the next prompt; None: 4 x deadline_s.
+    tier_timeout_s: float | None = None
     breaker_failures: int = 5
     breaker_reset_s: float = 5.0
     failure_ttl_s: float = 2.0  # how long a key's failure on a tier is remembered
@@ -89,6 +91,10 @@ class StorePolicy:
             raise ConfigError(f"tier_timeout_s must be > 0, got {self.tier_timeout_s}")
         if self.failure_ttl_s < 0:
             raise ConfigError(f"failure_ttl_s must be >= 0, got {self.failure_ttl_s}")
+
+    @property
+    def tier_read_timeout_s(self) -> float:
+        return self.tier_timeout_s if self.tier_timeout_s is not None else 4 * self.deadline_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +269,7 @@ class TieredStore(Generic[V]):
                     )
                 if hashlib.sha256(view).hexdigest() != expected.sha256:
                     raise IntegrityError(tier, skey, "sha256 mismatch")
-            return codec.decode(view), (view.tobytes() if keep_raw else None), view.nbytes
+            return codec.decode(view), (to_bytes(view) if keep_raw else None), view.nbytes
 
         return consume
 
@@ -317,7 +323,7 @@ class TieredStore(Generic[V]):
             return None
         breaker = self.breakers[name]
         try:
-            breaker.before_call()
+            probe = breaker.before_call()
         except CircuitOpenError as exc:
             reads.labels(name, level, "skipped").inc()
             walk.errors.append(exc)
@@ -326,7 +332,7 @@ class TieredStore(Generic[V]):
         started = time.perf_counter()
         try:
             consume = self._consume(name, skey, keep_raw)
-            async with asyncio.timeout(self.policy.tier_timeout_s or self.policy.deadline_s):
+            async with asyncio.timeout(self.policy.tier_read_timeout_s):
                 result = await self.tiers[name].read(skey, consume)
         except IntegrityError as exc:
             breaker.record_success()  # the tier answered; its copy is bad
@@ -348,7 +354,7 @@ class TieredStore(Generic[V]):
             walk.errors.append(exc)
             return None
         except asyncio.CancelledError:
-            if breaker.state is BreakerState.HALF_OPEN:
+            if probe:
                 breaker.release_probe()
             raise
         breaker.record_success()
