@@ -8,7 +8,7 @@ Bytes, keys, budgets and faults; no torch. Usable on its own:
     fetched = await store.fetch_many([BlockKey("bank", 1, 3)])
 """
 
-from tiers.base import ThreadedTier, Tier
+from tiers.base import ThreadedTier, Tier, TierWrapper
 from tiers.breaker import BreakerState, CircuitBreaker
 from tiers.cache import BlockCache, CacheStats
 from tiers.capped import CappedTier
@@ -64,6 +64,7 @@ __all__ = [
     "TierError",
     "TierFullError",
     "TierUnavailableError",
+    "TierWrapper",
     "TieredStore",
     "build_store",
     "load_profiles",

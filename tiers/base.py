@@ -64,6 +64,38 @@ class Tier(Protocol):
     async def aclose(self) -> None: ...
 
 
+class TierWrapper:
+    """A tier that adds behaviour around another one; every call not overridden is passed on."""
+
+    def __init__(self, inner: Tier) -> None:
+        self.inner = inner
+        self.name = inner.name
+
+    async def read(self, key: str, consume: Consume[T]) -> T | None:
+        return await self.inner.read(key, consume)
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.read(key, to_bytes)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return list(await asyncio.gather(*(self.get(k) for k in keys)))
+
+    async def put(self, key: str, data: Buffer) -> None:
+        await self.inner.put(key, data)
+
+    async def contains(self, key: str) -> bool:
+        return await self.inner.contains(key)
+
+    async def delete(self, key: str) -> bool:
+        return await self.inner.delete(key)
+
+    async def scan(self) -> list[tuple[str, int]]:
+        return await self.inner.scan()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class ThreadedTier(ABC):
     """Base of the blocking-backend tiers: runs `_read`, `_put`, ... in a bounded thread pool.
 

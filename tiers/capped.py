@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Sequence
 
-from tiers.base import Buffer, Consume, T, Tier, to_bytes
+from tiers.base import Buffer, Consume, T, Tier, TierWrapper
 
 
-class CappedTier:
+class CappedTier(TierWrapper):
     def __init__(self, inner: Tier, cap_bytes: int) -> None:
         if cap_bytes < 0:
             raise ValueError(f"tier {inner.name!r}: cap must be >= 0 bytes, got {cap_bytes}")
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
         self.cap_bytes = cap_bytes
         self._sizes: OrderedDict[str, int] = OrderedDict()  # least recently used first
         self._bytes = 0
@@ -54,12 +52,6 @@ class CappedTier:
             self._sizes.move_to_end(key)
         return result
 
-    async def get(self, key: str) -> bytes | None:
-        return await self.read(key, to_bytes)
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self.get(k) for k in keys)))
-
     async def put(self, key: str, data: Buffer) -> None:
         size = memoryview(data).nbytes
         if size > self.cap_bytes:
@@ -72,16 +64,7 @@ class CappedTier:
             self._sizes[key] = size
             self._bytes += size
 
-    async def contains(self, key: str) -> bool:
-        return await self.inner.contains(key)
-
     async def delete(self, key: str) -> bool:
         async with self._lock:
             self._bytes -= self._sizes.pop(key, 0)
             return await self.inner.delete(key)
-
-    async def scan(self) -> list[tuple[str, int]]:
-        return await self.inner.scan()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()

@@ -14,13 +14,13 @@ import asyncio
 import json
 import math
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from tiers.base import Buffer, Consume, T, Tier, to_bytes
+from tiers.base import Buffer, Consume, T, Tier, TierWrapper
 from tiers.errors import ConfigError
 
 
@@ -93,13 +93,12 @@ def load_profiles(path: str | Path | None = None) -> dict[str, DeviceProfile]:
     return profiles
 
 
-class ProfiledTier:
+class ProfiledTier(TierWrapper):
     """A tier that answers no faster than `profile` allows."""
 
     def __init__(self, inner: Tier, profile: DeviceProfile) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.profile = profile
-        self.name = inner.name
         self._link_free_at = 0.0  # loop time when the emulated link finishes queued transfers
 
     async def _hold(self, started: float, nbytes: int) -> None:
@@ -123,12 +122,6 @@ class ProfiledTier:
         await self._hold(started, sizes[0] if sizes else 0)
         return result
 
-    async def get(self, key: str) -> bytes | None:
-        return await self.read(key, to_bytes)
-
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(await asyncio.gather(*(self.get(k) for k in keys)))
-
     async def put(self, key: str, data: Buffer) -> None:
         started = asyncio.get_running_loop().time()
         await self.inner.put(key, data)
@@ -139,12 +132,3 @@ class ProfiledTier:
         found = await self.inner.contains(key)
         await self._hold(started, 0)
         return found
-
-    async def delete(self, key: str) -> bool:
-        return await self.inner.delete(key)
-
-    async def scan(self) -> list[tuple[str, int]]:
-        return await self.inner.scan()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
