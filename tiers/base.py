@@ -103,6 +103,9 @@ class ThreadedTier(ABC):
     `OSError`s as `TierUnavailableError`, and refuses calls after `aclose`.
     """
 
+    # SDK exceptions that mean "the backend could not answer"; wrapped as TierUnavailableError.
+    backend_errors: tuple[type[Exception], ...] = ()
+
     def __init__(self, name: str, *, concurrency: int) -> None:
         if concurrency < 1:
             raise ValueError(f"tier {name!r}: concurrency must be >= 1, got {concurrency}")
@@ -144,6 +147,8 @@ class ThreadedTier(ABC):
             raise
         except OSError as exc:
             raise TierUnavailableError(self.name, f"{type(exc).__name__}: {exc.strerror}") from exc
+        except self.backend_errors as exc:
+            raise TierUnavailableError(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     async def read(self, key: str, consume: Consume[T]) -> T | None:
         return await self._run(self._read, validate_key(key), consume)

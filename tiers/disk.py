@@ -1,7 +1,8 @@
 """`DiskTier`: one file per block under a root directory.
 
 Reads are a single `os.pread` of the whole file on a worker thread (measured in
-`docs/results.md`: `aiofiles` costs about 20x that on the hot path). Writes are atomic: a temp
+`docs/results.md`: `aiofiles` open + read of 1 MiB costs 2.3x a threaded `os.pread`, 8.5x an
+inline one). Writes are atomic: a temp
 file in the same directory, `fsync`, `os.replace`, then `fsync` of the directory, so a crash
 leaves either the old block, the new block, or a stray temp file that the next open removes,
 never a torn block under a real key.

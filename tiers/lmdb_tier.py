@@ -21,6 +21,8 @@ DEFAULT_MAP_SIZE = 64 << 30  # virtual address space only; the file grows as blo
 class LmdbTier(ThreadedTier):
     """Blocks in one LMDB environment (a directory with `data.mdb` and `lock.mdb`)."""
 
+    backend_errors = (lmdb.Error,)
+
     def __init__(
         self,
         path: str | Path,
@@ -52,18 +54,15 @@ class LmdbTier(ThreadedTier):
             raise TierUnavailableError(name, f"cannot open LMDB environment: {exc}") from exc
 
     def _read(self, key: str, consume: Consume[T]) -> T | None:
-        try:
-            with self._env.begin(buffers=True) as txn:
-                buf = txn.get(key.encode())
-                if buf is None:
-                    return None
-                view = memoryview(buf)
-                try:
-                    return consume(view)
-                finally:
-                    view.release()
-        except lmdb.Error as exc:
-            raise TierUnavailableError(self.name, f"read failed: {exc}") from exc
+        with self._env.begin(buffers=True) as txn:
+            buf = txn.get(key.encode())
+            if buf is None:
+                return None
+            view = memoryview(buf)
+            try:
+                return consume(view)
+            finally:
+                view.release()
 
     def _put(self, key: str, data: Buffer) -> None:
         try:
@@ -71,8 +70,6 @@ class LmdbTier(ThreadedTier):
                 txn.put(key.encode(), data)
         except lmdb.MapFullError as exc:
             raise TierFullError(self.name, "LMDB map is full; raise map_size") from exc
-        except lmdb.Error as exc:
-            raise TierUnavailableError(self.name, f"write failed: {exc}") from exc
 
     def _contains(self, key: str) -> bool:
         with self._env.begin(buffers=True) as txn:

@@ -382,7 +382,7 @@ class TieredStore(Generic[V]):
     async def _put_quietly(self, tier: str, skey: str, raw: bytes) -> None:
         try:
             await self.tiers[tier].put(skey, raw)
-        except TierError as exc:
+        except Exception as exc:  # a background write must not die unobserved, whatever failed
             self.metrics.promotions.labels(tier, "error").inc()
             log.warning("could not write block %s to tier %r: %s", skey, tier, exc)
             return

@@ -25,7 +25,10 @@ from tiers import (
     FetchTimeoutError,
     IntegrityError,
     InvalidKeyError,
+    LmdbTier,
     StoreConfig,
+    TierFullError,
+    TierUnavailableError,
     build_store,
 )
 from tiers.disk import SUFFIX
@@ -263,4 +266,23 @@ async def test_disk_tier_never_writes_outside_its_root(tmp_path: Path) -> None:
     with pytest.raises(InvalidKeyError):
         await tier.put("../escape", b"x")
     assert not (tmp_path / "escape.blk").exists()
+    await tier.aclose()
+
+
+async def test_lmdb_backend_errors_are_tier_errors(tmp_path: Path) -> None:
+    writer = LmdbTier(tmp_path / "flash", map_size=1 << 20)
+    await writer.put("bank/L1/0", b"x")
+    await writer.aclose()
+    reader = LmdbTier(tmp_path / "flash", map_size=1 << 20, readonly=True)
+    assert await reader.get("bank/L1/0") == b"x"
+    for call in (reader.put("bank/L1/1", b"y"), reader.delete("bank/L1/0")):
+        with pytest.raises(TierUnavailableError):
+            await call
+    await reader.aclose()
+
+
+async def test_a_full_lmdb_map_says_what_to_raise(tmp_path: Path) -> None:
+    tier = LmdbTier(tmp_path / "flash", map_size=1 << 20)
+    with pytest.raises(TierFullError, match="map_size"):
+        await tier.put("bank/L1/0", b"x" * (2 << 20))
     await tier.aclose()
