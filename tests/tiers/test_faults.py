@@ -286,3 +286,41 @@ async def test_a_full_lmdb_map_says_what_to_raise(tmp_path: Path) -> None:
     with pytest.raises(TierFullError, match="map_size"):
         await tier.put("bank/L1/0", b"x" * (2 << 20))
     await tier.aclose()
+
+
+async def test_a_failure_is_remembered_briefly_then_the_tier_is_asked_again(
+    tmp_path: Path, s3_server: S3Server
+) -> None:
+    cfg = StoreConfig.model_validate(
+        {
+            "tiers": {
+                "cloud": {
+                    "kind": "s3",
+                    "bucket": "created-later",
+                    "endpoint_url": s3_server.endpoint_url,
+                    "region": "us-east-1",
+                    "max_attempts": 1,
+                    **S3_CREDENTIALS,
+                }
+            },
+            "placement": {3: "cloud"},
+            "failure_ttl_s": 0.3,
+            "breaker_failures": 100,  # keep the breaker out of this test
+        }
+    )
+    store = await build_store(cfg, codec=BytesCodec(), digests=digests_of(BLOCKS))
+    try:
+        key = BlockKey("bank", 3, 1)
+        assert isinstance((await store.fetch(key)).error, FetchFailedError)  # no bucket yet
+        assert tier_reads(store, "cloud", "error") == 1
+
+        await store.tiers["cloud"].create_bucket()  # type: ignore[attr-defined]
+        await store.tiers["cloud"].put(str(key), BLOCKS[key])
+        assert (await store.fetch(key)).error is not None  # within the TTL: not asked again
+        assert tier_reads(store, "cloud", "skipped") == 1
+
+        await asyncio.sleep(0.35)
+        fetched = await store.fetch(key)
+        assert fetched.value == BLOCKS[key]
+    finally:
+        await store.aclose()
