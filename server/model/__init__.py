@@ -1,0 +1,1 @@
+"""The memory-augmented language model, in pure PyTorch with no I/O."""
