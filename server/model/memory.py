@@ -26,6 +26,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server.model.errors import MemoryFormatError
+
+__all__ = [
+    "LORA_TARGETS",
+    "FFNBlock",
+    "KVBlock",
+    "LoRABlock",
+    "MemoryBlock",
+    "MemoryFormatError",
+    "MemoryType",
+    "block_from_tensors",
+    "memory_type_of",
+    "zeros_like_block",
+]
+
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -33,10 +48,6 @@ class MemoryType(enum.StrEnum):
     FFN = "ffn"
     LORA = "lora"
     KV = "kv"
-
-
-class MemoryFormatError(ValueError):
-    """A block's tensors do not have the names or shapes its memory type requires."""
 
 
 @dataclass(frozen=True, slots=True)

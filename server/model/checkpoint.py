@@ -1,0 +1,114 @@
+"""Anchor checkpoints in Hugging Face layout: `config.json` + `model.safetensors` (or shards).
+
+An existing Llama-architecture checkpoint (SmolLM, TinyLlama, ...) on disk can be the anchor, and
+the anchors hmem trains are written so that `transformers` reads them too. Only JSON and
+safetensors are read. Every tensor the architecture needs must be present with its exact shape;
+a missing, extra or misshapen tensor is refused with its name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from server.model.anchor import Anchor
+from server.model.config import AnchorConfig
+from server.model.errors import CheckpointError
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers some exporters include that are derived, not learned.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def read_config(directory: Path) -> AnchorConfig:
+    path = directory / CONFIG
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{directory} has no {CONFIG}: not a Hugging Face checkpoint"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return AnchorConfig.from_hf(raw)
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    if (directory / WEIGHTS).is_file():
+        return [directory / WEIGHTS]
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({directory / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{directory}: shards listed in {INDEX} are missing: {missing}")
+        return files
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(
+            f"{directory} holds only pickle weights (.bin/.pt), which hmem never loads; "
+            "convert the checkpoint to safetensors"
+        )
+    raise CheckpointError(f"{directory} has no {WEIGHTS}")
+
+
+def load_anchor(
+    directory: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Anchor:
+    """Build the anchor from a Hugging Face Llama checkpoint directory."""
+    directory = Path(directory)
+    config = read_config(directory)
+    with torch.device("meta"):
+        model = Anchor(config)
+    expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _weight_files(directory):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if name not in expected:
+                    if config.tie_embeddings and name == "lm_head.weight":
+                        continue  # a tied checkpoint that also stores the head
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file.name}")
+                tensors[name] = f.get_tensor(name)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise CheckpointError(f"checkpoint {directory} is missing tensors: {shown}")
+    for name, t in tensors.items():
+        if tuple(t.shape) != expected[name]:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {expected[name]}"
+            )
+    model = Anchor(config).to(dtype=dtype)
+    model.load_state_dict(tensors, strict=not config.tie_embeddings, assign=False)
+    return model.to(device).eval()
+
+
+def save_anchor(model: Anchor, directory: str | Path) -> None:
+    """Write config.json and model.safetensors in Hugging Face Llama layout."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,141 @@
+"""Hugging Face layout: logits equal the `transformers` reference Llama; refusals name the cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from server.model.checkpoint import load_anchor, save_anchor
+from server.model.errors import CheckpointError, UnsupportedArchitectureError
+from tests.server.model.conftest import anchor
+
+TOKENS = torch.tensor([[1, 5, 17, 3, 88, 42, 9, 61, 2, 33], [4, 4, 8, 15, 16, 23, 42, 0, 1, 2]])
+
+
+def reference(tmp_path: Path, **overrides: object) -> tuple[LlamaForCausalLM, Path]:
+    kwargs: dict[str, object] = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    }
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # larger than the default init, so differences would show
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": True},
+        {"num_key_value_heads": 4},  # plain multi-head attention
+        {"num_key_value_heads": 1, "rope_theta": 500000.0},  # multi-query, Llama-3 base
+        {"head_dim": 16},  # head_dim != hidden / heads
+    ],
+)
+def test_logits_match_the_transformers_reference(
+    tmp_path: Path, overrides: dict[str, object]
+) -> None:
+    ref, directory = reference(tmp_path, **overrides)
+    ours = load_anchor(directory)
+    with torch.no_grad():
+        expected = ref(TOKENS).logits
+        got = ours(TOKENS)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_anchor_we_save_is_read_by_transformers(tmp_path: Path) -> None:
+    model = anchor()
+    save_anchor(model, tmp_path)
+    theirs = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(TOKENS).logits, model(TOKENS), rtol=1e-5, atol=1e-5)
+    again = load_anchor(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(again(TOKENS), model(TOKENS))
+
+
+def test_bf16_load(tmp_path: Path) -> None:
+    _, directory = reference(tmp_path)
+    model = load_anchor(directory, dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model(TOKENS).dtype == torch.bfloat16
+
+
+def _edit_config(directory: Path, **changes: object) -> None:
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
+            "unsupported architecture",
+        ),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
+        ({"num_attention_heads": 3}, "multiple of"),
+    ],
+)
+def test_unsupported_architectures_are_refused_by_name(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    _, directory = reference(tmp_path)
+    _edit_config(directory, **changes)
+    with pytest.raises(UnsupportedArchitectureError, match=message):
+        load_anchor(directory)
+
+
+def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
+    _, directory = reference(tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing tensors: model\.layers\.1\.mlp\.up_proj"):
+        load_anchor(directory)
+
+
+def test_a_misshapen_or_extra_tensor_is_named(tmp_path: Path) -> None:
+    _, directory = reference(tmp_path)
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.norm.weight"] = torch.ones(31)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(31,\)"):
+        load_anchor(directory)
+    tensors["model.norm.weight"] = torch.ones(32)
+    tensors["model.layers.0.mlp.extra.weight"] = torch.ones(2)
+    save_file(tensors, directory / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"
+    ):
+        load_anchor(directory)
+
+
+def test_pickle_only_checkpoints_and_empty_dirs_are_refused(tmp_path: Path) -> None:
+    _, directory = reference(tmp_path)
+    (directory / "model.safetensors").rename(directory / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="never loads"):
+        load_anchor(directory)
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        load_anchor(tmp_path / "nothing")
