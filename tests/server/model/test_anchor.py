@@ -127,3 +127,18 @@ def test_context_past_the_cache_is_refused() -> None:
     cache = KVCache(CFG, batch_size=1, max_len=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="past the context length 4"):
         model(TOKENS, cache=cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", list(MemoryType))
+def test_cuda_matches_cpu_with_memory_and_cache(kind: MemoryType) -> None:
+    model = anchor()
+    blocks = [[random_block(kind, 8, seed=1)], [random_block(kind, 4, seed=2)]]
+    tokens = torch.tensor([[5, 17, 3, 88], [12, 4, 0, 0]])
+    with torch.no_grad():
+        ref = model(tokens, memory=build_memory_batch(blocks, dtype=torch.float32))
+        gpu = model.to("cuda")
+        cache = KVCache(CFG, batch_size=2, max_len=16, dtype=torch.float32, device="cuda")
+        mem = build_memory_batch(blocks, dtype=torch.float32, device="cuda")
+        out = gpu(tokens.cuda(), cache=cache, memory=mem)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
