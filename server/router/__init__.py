@@ -1,0 +1,40 @@
+"""Routing a prompt to its cluster path: embedders, the centroid tree, hierarchical k-means.
+
+A prompt is embedded (all-MiniLM-L6-v2 as in the paper, or hashed TF-IDF for tests and tiny
+banks), then walked greedily down a tree of nested cluster centroids; the chosen child at each
+level is its cluster path, whose memory blocks the engine fetches.
+"""
+
+from server.router.embedders import Embedder, HashedTfidfEmbedder, load_embedder
+from server.router.errors import (
+    CentroidTreeError,
+    EmbedderFilesMissingError,
+    EmbedderMismatchError,
+    RouterError,
+    RouterFileError,
+    RouterFileNotFoundError,
+)
+from server.router.kmeans import HierarchicalClustering, cluster_hierarchically, hierarchical_kmeans
+from server.router.minilm import MINILM_DIM, MINILM_NAME, MiniLMEmbedder
+from server.router.tree import CentroidTree, Router, RouteResult
+
+__all__ = [
+    "MINILM_DIM",
+    "MINILM_NAME",
+    "CentroidTree",
+    "CentroidTreeError",
+    "Embedder",
+    "EmbedderFilesMissingError",
+    "EmbedderMismatchError",
+    "HashedTfidfEmbedder",
+    "HierarchicalClustering",
+    "MiniLMEmbedder",
+    "RouteResult",
+    "Router",
+    "RouterError",
+    "RouterFileError",
+    "RouterFileNotFoundError",
+    "cluster_hierarchically",
+    "hierarchical_kmeans",
+    "load_embedder",
+]
