@@ -1,0 +1,18 @@
+"""Where things live inside a bank directory (bank format version 1)."""
+
+from __future__ import annotations
+
+ANCHOR_DIR = "anchor"
+ANCHOR_REQUIRED = ("config.json", "model.safetensors")
+ANCHOR_FILES = (*ANCHOR_REQUIRED, "tokenizer.json")
+BLOCKS_DIR = "blocks"
+GENERIC_DIR = "generic"
+SUFFIX = ".safetensors"
+
+
+def block_relpath(level: int, node: int) -> str:
+    return f"{BLOCKS_DIR}/L{level}/{node}{SUFFIX}"
+
+
+def generic_relpath(level: int) -> str:
+    return f"{GENERIC_DIR}/L{level}{SUFFIX}"
