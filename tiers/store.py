@@ -269,7 +269,13 @@ class TieredStore(Generic[V]):
                     )
                 if hashlib.sha256(view).hexdigest() != expected.sha256:
                     raise IntegrityError(tier, skey, "sha256 mismatch")
-            return codec.decode(view), (to_bytes(view) if keep_raw else None), view.nbytes
+            try:
+                value = codec.decode(view)
+            except (ValueError, TypeError) as exc:
+                # Verified bytes that do not decode: the bank itself is wrong. Not a tier failure,
+                # and never raised out of `fetch`.
+                raise IntegrityError(tier, skey, f"cannot decode: {exc}") from exc
+            return value, (to_bytes(view) if keep_raw else None), view.nbytes
 
         return consume
 

@@ -126,7 +126,13 @@ def block_from_tensors(memory_type: MemoryType, tensors: Mapping[str, Tensor]) -
         block: MemoryBlock = FFNBlock(gate, up, down)
     elif memory_type is MemoryType.LORA:
         targets = sorted({name.rsplit(".", 1)[0] for name in tensors})
-        unknown = {n for n in tensors if n.rsplit(".", 1)[0] not in LORA_TARGETS}
+        unknown = {
+            n
+            for n in tensors
+            if n.rsplit(".", 1)[0] not in LORA_TARGETS or not n.endswith((".a", ".b"))
+        }
+        if unknown:
+            raise MemoryFormatError(f"unexpected tensors in a lora block: {sorted(unknown)}")
         if not targets:
             raise MemoryFormatError("lora block holds no tensors")
         a = {t: _need(tensors, f"{t}.a", 3) for t in targets if t in LORA_TARGETS}

@@ -324,3 +324,30 @@ async def test_a_failure_is_remembered_briefly_then_the_tier_is_asked_again(
         assert fetched.value == BLOCKS[key]
     finally:
         await store.aclose()
+
+
+class RejectingCodec:
+    """A bank decoder that refuses what it reads (as a codec does for a badly built bank)."""
+
+    def decode(self, view: memoryview) -> bytes:
+        raise ValueError("tensor 'gate' has the wrong shape")
+
+    def nbytes(self, value: bytes) -> int:
+        return len(value)
+
+
+async def test_verified_bytes_that_do_not_decode_are_a_failed_fetch_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    cfg = StoreConfig.model_validate(
+        {"tiers": {"d": {"kind": "disk", "root": tmp_path / "d"}}, "placement": {1: "d"}}
+    )
+    store = await build_store(cfg, codec=RejectingCodec(), digests=digests_of(BLOCKS))
+    try:
+        key = BlockKey("bank", 1, 0)
+        await store.tiers["d"].put(str(key), BLOCKS[key])
+        fetched = await store.fetch(key)
+        assert isinstance(fetched.error, FetchFailedError)
+        assert "cannot decode: tensor 'gate' has the wrong shape" in str(fetched.error)
+    finally:
+        await store.aclose()
