@@ -18,6 +18,7 @@ from server.bank.layout import BankDType, ModelShape, Shape, zeroed_tensor_names
 from server.bank.manifest import BankManifest
 from server.bank.writer import BankWriter
 from server.model.memory import MemoryBlock, MemoryType, block_from_tensors
+from server.router import HashedTfidfEmbedder
 
 TINY_MODEL = ModelShape(
     n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64
@@ -88,12 +89,19 @@ def write_random_bank(
     ) as writer:
         m = writer.manifest
         dim = int(m.embedder["dim"])
-        writer.write_router(
-            {
-                f"centroids.L{level}": random_centroids(m.n_nodes(level), dim, generator=gen)
-                for level in range(1, levels + 1)
-            }
-        )
+        router = {
+            f"centroids.L{level}": random_centroids(m.n_nodes(level), dim, generator=gen)
+            for level in range(1, levels + 1)
+        }
+        if m.embedder["kind"] == "hashed-tfidf":
+            # An unfitted embedder's state (idf = 1), so the router loads as the bank says.
+            state = HashedTfidfEmbedder(
+                dim=dim,
+                ngram_max=int(m.embedder.get("ngram_max", 2)),
+                seed=int(m.embedder.get("seed", 0)),
+            ).state_tensors()
+            router.update({f"embedder.{name}": t for name, t in state.items()})
+        writer.write_router(router)
         for level in m.memory_levels():
             shapes = m.block_shapes(level)
             for node in range(m.n_nodes(level)):
