@@ -152,7 +152,7 @@ PRESETS: dict[str, AnchorConfig] = {
         vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
         max_seq_len=128,
     ),
-    # The demo anchor for CPU builds (about 3M parameters with a 4k vocabulary).
+    # The demo anchor for CPU builds (2.4M parameters with a 4k vocabulary).
     "demo": AnchorConfig(
         vocab_size=4096, d_model=192, n_layers=4, n_heads=6, n_kv_heads=2, intermediate_size=512,
         max_seq_len=512, tie_embeddings=True,
