@@ -1,0 +1,299 @@
+"""`hmem build`: corpus -> tokenizer -> embeddings -> cluster tree -> anchor -> memories -> bank.
+
+Every input is checked before any work starts, with a one-line error that names the problem.
+Training state lives in a hidden work directory beside the output (`.NAME.build-work`): a build
+that is interrupted resumes from its last checkpoint when run again with the same settings. The
+bank itself is written by `BankWriter` into a hidden partial directory and renamed into place only
+when complete, so an interrupted build never leaves a directory that looks like a bank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from server.bank.layout import ModelShape
+from server.bank.writer import BankWriter
+from server.build.corpus import CorpusError, load_corpus, split_windows
+from server.build.memory_params import MemoryParams
+from server.build.tokenizer import BOS_ID, EOS_ID, byte_tokenizer
+from server.build.train import Sequences, StageSettings, Trainer
+from server.model.anchor import Anchor
+from server.model.checkpoint import load_anchor, save_anchor
+from server.model.config import AnchorConfig
+from server.model.memory import LORA_TARGETS, MemoryType
+from server.router import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
+from server.router.embedders import Embedder
+
+# Anchors hmem trains from scratch: (d_model, n_layers, n_heads, n_kv_heads, intermediate_size).
+ANCHOR_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (64, 2, 4, 2, 192),
+    "small": (128, 4, 4, 2, 384),
+    "base": (256, 6, 8, 4, 768),
+}
+
+
+class BuildError(ValueError):
+    """The build cannot start or go on; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    corpus: Path
+    out: Path
+    levels: int = 2
+    branching: int = 8
+    widths: tuple[int, ...] = (64, 32)
+    memory_type: MemoryType = MemoryType.FFN
+    lora_targets: tuple[str, ...] = ("q", "v")
+    embedder: str = "hashed-tfidf"  # or "minilm"
+    embed_dim: int = 8192
+    minilm_dir: Path | None = None
+    anchor_size: str = "small"
+    anchor_dir: Path | None = None  # an existing Hugging Face Llama checkpoint
+    freeze_anchor: bool = False
+    pretrain_steps: int = 1500
+    memory_steps: int = 1500
+    batch_size: int = 16
+    lr: float = 3e-3
+    anchor_lr_scale: float = 0.1
+    seq_len: int = 256
+    dtype: str = "float32"
+    seed: int = 0
+    device: str = "cpu"
+    bank_id: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        keep = {k: str(v) for k, v in asdict(self).items() if k not in ("overwrite", "progress")}
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class BuildSummary:
+    bank: Path
+    documents: int
+    windows: int
+    clusters: list[int]
+    anchor_params: int
+    fetched_params: int
+    bank_params: int
+    pretrain_loss: float | None
+    memory_loss: float | None
+    seconds: float
+    resumed: list[str]
+
+    def text(self) -> str:
+        share = self.fetched_params / max(1, self.anchor_params)
+        lines = [
+            f"bank        {self.bank}",
+            f"corpus      {self.documents} documents, {self.windows} windows",
+            f"clusters    {' / '.join(map(str, self.clusters))} (per level)",
+            f"anchor      {self.anchor_params:,} parameters",
+            f"memory      {self.fetched_params:,} fetched per path ({share:.0%} of the anchor), "
+            f"{self.bank_params:,} in the bank",
+        ]
+        if self.pretrain_loss is not None:
+            lines.append(f"pretrain    final loss {self.pretrain_loss:.3f}")
+        if self.memory_loss is not None:
+            lines.append(f"memories    final loss {self.memory_loss:.3f}")
+        if self.resumed:
+            lines.append(f"resumed     {', '.join(self.resumed)} from checkpoints")
+        lines.append(f"time        {self.seconds / 60:.1f} min")
+        return "\n".join(lines)
+
+
+def _check(s: BuildSettings) -> None:
+    if len(s.widths) != s.levels:
+        raise BuildError(f"--widths has {len(s.widths)} values for {s.levels} levels")
+    if any(w < 0 for w in s.widths) or not any(s.widths):
+        raise BuildError("--widths must be >= 0 with at least one level of memory")
+    if not 1 <= s.levels <= 4 or not 2 <= s.branching <= 64:
+        raise BuildError("--levels must be 1..4 and --branching 2..64")
+    if s.memory_type is MemoryType.LORA and not set(s.lora_targets) <= set(LORA_TARGETS):
+        raise BuildError(f"--lora-targets must be among {', '.join(LORA_TARGETS)}")
+    if s.anchor_dir is None and s.anchor_size not in ANCHOR_SIZES:
+        raise BuildError(f"--anchor-size must be one of {', '.join(ANCHOR_SIZES)}")
+    if s.embedder not in ("hashed-tfidf", "minilm"):
+        raise BuildError("--embedder must be hashed-tfidf or minilm")
+    if s.device.startswith("cuda") and not torch.cuda.is_available():
+        raise BuildError("--device cuda: no CUDA device is available")
+    if (s.out / "manifest.json").exists() and not s.overwrite:
+        raise BuildError(f"{s.out} already holds a bank; pass --overwrite to replace it")
+    if s.out.exists() and not s.out.is_dir():
+        raise BuildError(f"{s.out} exists and is not a directory")
+
+
+def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Tokenizer]:
+    if s.anchor_dir is not None:
+        model = load_anchor(s.anchor_dir)  # refuses unsupported checkpoints by name
+        tok_file = s.anchor_dir / "tokenizer.json"
+        if not tok_file.is_file():
+            raise BuildError(f"anchor directory {s.anchor_dir} has no tokenizer.json")
+        return model, Tokenizer.from_file(str(tok_file))
+    d, n_layers, heads, kv, ff = ANCHOR_SIZES[s.anchor_size]
+    config = AnchorConfig(
+        vocab_size=tokenizer.get_vocab_size(), d_model=d, n_layers=n_layers, n_heads=heads,
+        n_kv_heads=kv, intermediate_size=ff, max_seq_len=max(512, s.seq_len),
+        tie_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+    )  # fmt: skip
+    torch.manual_seed(s.seed)
+    model = Anchor(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim > 1:
+                torch.nn.init.normal_(p, std=0.02)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.mul_(1 / (2 * n_layers) ** 0.5)  # scaled residual init
+    return model, tokenizer
+
+
+def _embedder(s: BuildSettings, texts: Sequence[str]) -> Embedder:
+    if s.embedder == "minilm":
+        return (
+            MiniLMEmbedder.from_dir(s.minilm_dir) if s.minilm_dir else MiniLMEmbedder.from_package()
+        )
+    return HashedTfidfEmbedder(dim=s.embed_dim, seed=s.seed).fit(texts)
+
+
+def _embed(embedder: Embedder, texts: Sequence[str], progress: bool) -> torch.Tensor:
+    chunk = 256
+    parts = [
+        embedder.embed(texts[i : i + chunk])
+        for i in tqdm(range(0, len(texts), chunk), desc="embed", disable=not progress, unit="chunk")
+    ]
+    return torch.cat(parts)
+
+
+def build_bank(s: BuildSettings) -> BuildSummary:
+    started = time.perf_counter()
+    _check(s)
+    try:
+        docs = load_corpus(s.corpus)
+    except CorpusError as exc:
+        raise BuildError(str(exc)) from None
+    base_tok = byte_tokenizer()
+    model, tokenizer = _anchor(s, base_tok)
+    windows = [w for doc in docs for w in split_windows(doc.text, max(16, s.seq_len - 2))]
+    n_clusters = s.branching**s.levels
+    if len(windows) < n_clusters:
+        raise BuildError(
+            f"{len(windows)} documents for {n_clusters} clusters ({s.branching}^{s.levels}): "
+            "use a larger corpus, or fewer levels or a smaller branching"
+        )
+    work = s.out.parent / f".{s.out.name}.build-work"
+    stamp = work / "build.json"
+    if work.exists() and (
+        not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != s.fingerprint()
+    ):
+        shutil.rmtree(work)  # an earlier build with other settings: nothing to resume
+    work.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"fingerprint": s.fingerprint()}))
+
+    embedder = _embedder(s, windows)
+    x = _embed(embedder, windows, s.progress)
+    clustering = cluster_hierarchically(x, branching=s.branching, levels=s.levels, seed=s.seed)
+    tree = clustering.tree
+    paths = tree.route(x).node_ids  # greedy routing: the path a query of this text would get
+    ids = [[BOS_ID, *tokenizer.encode(w, add_special_tokens=False).ids, EOS_ID] for w in windows]
+    data = Sequences.build(ids, paths, s.seq_len)
+    device = torch.device(s.device)
+    model.to(device)
+    data = Sequences(data.tokens.to(device), data.paths)
+    resumed: list[str] = []
+
+    pretrain_loss = None
+    if s.anchor_dir is None and s.pretrain_steps > 0:
+        stage = StageSettings(steps=s.pretrain_steps, lr=s.lr, batch_size=s.batch_size)
+        t = Trainer("pretrain", model=model, memory=None, data=data, settings=stage,
+                    work_dir=work, seed=s.seed)  # fmt: skip
+        if t.resume():
+            resumed.append(f"pretrain at step {t.step}")
+        pretrain_loss = _final(t.run(progress=s.progress))
+
+    shape = ModelShape(
+        n_layers=model.config.n_layers, d_model=model.config.d_model,
+        n_heads=model.config.n_heads, n_kv_heads=model.config.n_kv_heads,
+        head_dim=model.config.head_dim, intermediate_size=model.config.intermediate_size,
+    )  # fmt: skip
+    memory = MemoryParams(
+        memory_type=s.memory_type, model=shape, branching=s.branching, widths=s.widths,
+        lora_targets=s.lora_targets if s.memory_type is MemoryType.LORA else None, seed=s.seed,
+    ).to(device)  # fmt: skip
+    memory_loss = None
+    if s.memory_steps > 0:
+        scale = 0.0 if s.freeze_anchor else s.anchor_lr_scale
+        stage = StageSettings(steps=s.memory_steps, lr=s.lr, batch_size=s.batch_size,
+                              anchor_lr_scale=scale)  # fmt: skip
+        t = Trainer("memories", model=model, memory=memory, data=data, settings=stage,
+                    work_dir=work, seed=s.seed + 1, generic_prob=1 / (s.branching + 1))  # fmt: skip
+        if t.resume():
+            resumed.append(f"memories at step {t.step}")
+        memory_loss = _final(t.run(progress=s.progress))
+
+    _export(s, model.cpu(), tokenizer, memory.cpu(), Router(embedder, tree), shape, work)
+    shutil.rmtree(work, ignore_errors=True)
+    fetched = sum(
+        p.numel() for b in memory.path_blocks([0] * s.levels) for p in b.tensors().values()
+    )
+    bank_params = sum(p.numel() for p in memory.parameters())
+    counts = [s.branching**lvl for lvl in range(1, s.levels + 1)]
+    return BuildSummary(
+        bank=s.out, documents=len(docs), windows=len(windows), clusters=counts,
+        anchor_params=sum(p.numel() for p in model.parameters()), fetched_params=fetched,
+        bank_params=bank_params, pretrain_loss=pretrain_loss, memory_loss=memory_loss,
+        seconds=time.perf_counter() - started, resumed=resumed,
+    )  # fmt: skip
+
+
+def _final(losses: list[float]) -> float | None:
+    tail = losses[-50:]
+    return sum(tail) / len(tail) if tail else None
+
+
+def _export(
+    s: BuildSettings,
+    model: Anchor,
+    tokenizer: Tokenizer,
+    memory: MemoryParams,
+    router: Router,
+    shape: ModelShape,
+    work: Path,
+) -> None:
+    anchor_dir = work / "anchor"
+    save_anchor(model, anchor_dir)
+    tokenizer.save(str(anchor_dir / "tokenizer.json"))
+    router_file = work / "router.safetensors"
+    router.save(router_file)
+    bank_id = s.bank_id or s.out.name
+    with BankWriter(
+        s.out, bank_id=bank_id, memory_type=s.memory_type, levels=s.levels,
+        branching=s.branching, widths=s.widths, dtype=s.dtype,  # type: ignore[arg-type]
+        model=shape, embedder=router.embedder.spec,
+        lora_targets=list(s.lora_targets) if s.memory_type is MemoryType.LORA else None,
+        overwrite=s.overwrite,
+    ) as writer:  # fmt: skip
+        with torch.no_grad():
+            blocks = list(memory.blocks())
+            for level, node, block in tqdm(blocks, desc="export", disable=not s.progress):
+                writer.write_block(level, node, block)
+            for level, block in zip(memory.levels(), memory.generic_blocks(), strict=True):
+                writer.write_generic(level, block)
+        writer.write_router(load_file(str(router_file)))
+        writer.copy_anchor(anchor_dir)
+
+
+__all__ = ["ANCHOR_SIZES", "BuildError", "BuildSettings", "BuildSummary", "build_bank"]

@@ -1,0 +1,210 @@
+"""Training loops: pretrain the anchor, then co-train anchor and memories on mixed-path batches.
+
+Each batch holds documents of many cluster paths, every document with its own path's blocks (a
+heterogeneous batch); a document uses the generic memory instead with probability 1/(k+1)
+(k = branching), as in the paper. Anchor first, then memories at a lower anchor learning rate:
+co-training from scratch lets the anchor hand every fact to the memories, and the anchor alone
+stops being a fair baseline (LONGTAIL-NOTES, point 5). AdamW (0.9, 0.95), warm-up then cosine
+decay, gradient clipping. Training state is saved as safetensors + JSON (never pickle) so an
+interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from server.build.memory_params import MemoryParams
+from server.build.tokenizer import PAD_ID
+from server.model.anchor import Anchor
+from server.model.memory_batch import MemoryBatch, build_memory_batch
+
+
+@dataclass(frozen=True, slots=True)
+class StageSettings:
+    steps: int
+    lr: float = 3e-3
+    batch_size: int = 16
+    warmup_frac: float = 0.05
+    min_lr_frac: float = 0.1
+    weight_decay: float = 0.1
+    memory_weight_decay: float = 1e-3
+    anchor_lr_scale: float = 1.0  # co-training: the anchor's lr is lr * this (0 freezes it)
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Sequences:
+    """Tokenised training windows, their cluster paths, right-padded into one tensor."""
+
+    tokens: Tensor  # [N, T] long, PAD_ID after each sequence's end
+    paths: Tensor  # [N, levels] long node ids
+
+    @classmethod
+    def build(cls, ids: Sequence[Sequence[int]], paths: Tensor, seq_len: int) -> Sequences:
+        T = min(seq_len, max(len(s) for s in ids))
+        tokens = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
+        for i, s in enumerate(ids):
+            s = s[:T]
+            tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return cls(tokens, paths)
+
+
+def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy, padding ignored: logits [B, T, V], tokens [B, T]."""
+    targets = tokens[:, 1:].clone()
+    targets[targets == PAD_ID] = -100
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
+
+
+def _schedule(s: StageSettings) -> Callable[[int], float]:
+    warmup = max(1, int(s.steps * s.warmup_frac))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, s.steps - warmup))
+        return s.min_lr_frac + (1 - s.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """One training stage, resumable from `work_dir/<name>.safetensors`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        model: Anchor,
+        memory: MemoryParams | None,
+        data: Sequences,
+        settings: StageSettings,
+        work_dir: Path,
+        seed: int,
+        generic_prob: float = 0.0,
+        checkpoint_every: int = 200,
+    ) -> None:
+        self.name, self.model, self.memory, self.data = name, model, memory, data
+        self.s, self.work_dir, self.generic_prob = settings, work_dir, generic_prob
+        self.checkpoint_every = checkpoint_every
+        self.gen = torch.Generator().manual_seed(seed)
+        groups: list[dict[str, object]] = []
+        anchor_lr = settings.lr * settings.anchor_lr_scale
+        if anchor_lr > 0:
+            groups.append({"params": list(model.parameters()), "lr": anchor_lr,
+                           "weight_decay": settings.weight_decay})  # fmt: skip
+        else:
+            model.requires_grad_(False)
+        if memory is not None:
+            groups.append({"params": list(memory.parameters()), "lr": settings.lr,
+                           "weight_decay": settings.memory_weight_decay})  # fmt: skip
+        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(settings))
+        self.step = 0
+        self.losses: list[float] = []
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @property
+    def _files(self) -> tuple[Path, Path]:
+        return self.work_dir / f"{self.name}.safetensors", self.work_dir / f"{self.name}.json"
+
+    def save(self) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if self.model.config.tie_embeddings:
+            tensors.pop("model.lm_head.weight")
+        if self.memory is not None:
+            tensors |= {f"memory.{k}": v for k, v in self.memory.state_tensors().items()}
+        opt = self.opt.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                tensors[f"opt.{idx}.{key}"] = value
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": self.step, "losses": self.losses[-1000:], "sched": self.sched.state_dict(),
+                "param_groups": opt["param_groups"], "settings": asdict(self.s)}  # fmt: skip
+        weights, info = self._files
+        tmp = weights.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(weights)
+        info.with_suffix(".tmp").write_text(json.dumps(meta))
+        info.with_suffix(".tmp").replace(info)
+
+    def resume(self) -> bool:
+        """Load this stage's checkpoint if there is one; True when it was loaded."""
+        weights, info = self._files
+        if not (weights.is_file() and info.is_file()):
+            return False
+        meta = json.loads(info.read_text())
+        if meta["settings"] != asdict(self.s):
+            return False  # a different build: start this stage again
+        tensors = load_file(str(weights))
+        model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        self.model.load_state_dict(model_state, strict=not self.model.config.tie_embeddings)
+        if self.memory is not None:
+            self.memory.load_state_tensors(
+                {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
+            )
+        state: dict[int, dict[str, Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.sched.load_state_dict(meta["sched"])
+        self.gen.set_state(tensors["rng"])
+        self.step, self.losses = int(meta["step"]), list(meta["losses"])
+        return True
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _batch_memory(self, paths: Tensor) -> MemoryBatch | None:
+        if self.memory is None:
+            return None
+        use_generic = torch.rand(len(paths), generator=self.gen) < self.generic_prob
+        per_seq = [
+            self.memory.generic_blocks() if g else self.memory.path_blocks(p.tolist())
+            for p, g in zip(paths, use_generic.tolist(), strict=True)
+        ]
+        return build_memory_batch(per_seq, dtype=torch.float32)
+
+    def run(self, *, progress: bool = True) -> list[float]:
+        self.model.train()
+        N = len(self.data.tokens)
+        bar = tqdm(total=self.s.steps, initial=self.step, desc=self.name, disable=not progress,
+                   unit="step", dynamic_ncols=True)  # fmt: skip
+        while self.step < self.s.steps:
+            idx = torch.randint(N, (min(self.s.batch_size, N),), generator=self.gen)
+            tokens = self.data.tokens[idx]
+            keep = int((tokens != PAD_ID).sum(1).max())  # trim padding columns
+            tokens = tokens[:, :keep]
+            memory = self._batch_memory(self.data.paths[idx])
+            logits = self.model(tokens, memory=memory)
+            loss = lm_loss(logits, tokens)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            self.losses.append(float(loss.detach()))
+            bar.update(1)
+            if self.step % 20 == 0:
+                bar.set_postfix(loss=f"{sum(self.losses[-20:]) / 20:.3f}")
+            if self.step % self.checkpoint_every == 0 or self.step == self.s.steps:
+                self.save()
+        bar.close()
+        self.model.eval()
+        return self.losses
