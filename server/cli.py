@@ -1,7 +1,9 @@
 """The `hmem` command line.
 
-`hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
-the configured storage hierarchy and reports, per tier, whether it answers and what it holds.
+`hmem build` trains a memory bank from a corpus. `hmem tiers profiles` lists the device
+profiles a tier can emulate; `hmem tiers check` opens the configured storage hierarchy and
+reports, per tier, whether it answers and what it holds. Errors a user can fix are printed as
+one line, `hmem: error: ...`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import __version__
+from server.bank.errors import BankError
+from server.build.corpus import CorpusError
+from server.build.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
+from server.model.errors import ModelError
+from server.model.memory import LORA_TARGETS, MemoryType
+from server.router.errors import RouterError
 from server.settings import load_settings
 from tiers import BytesCodec, TierError, build_store, load_profiles
+
+# Errors that describe something the user can fix: reported in one line, never as a traceback.
+USER_ERRORS = (TierError, BuildError, CorpusError, ModelError, BankError, RouterError)
 
 
 def _profiles(args: argparse.Namespace) -> int:
@@ -48,12 +59,99 @@ async def _check_store(config_file: Path | None) -> int:
     return 1 if failed else 0
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _build(args: argparse.Namespace) -> int:
+    settings = BuildSettings(
+        corpus=args.corpus,
+        out=args.out,
+        levels=args.levels,
+        branching=args.branching,
+        widths=args.widths or BuildSettings.default_widths(args.levels),
+        memory_type=MemoryType(args.memory_type),
+        lora_targets=tuple(args.lora_targets.split(",")),
+        embedder=args.embedder,
+        embed_dim=args.embed_dim,
+        minilm_dir=args.minilm_dir,
+        anchor_size=args.anchor_size,
+        anchor_dir=args.anchor,
+        freeze_anchor=args.freeze_anchor,
+        pretrain_steps=args.pretrain_steps,
+        memory_steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        seed=args.seed,
+        device=args.device,
+        bank_id=args.bank_id,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    summary = build_bank(settings)
+    print(summary.text())
+    return 0
+
+
+def _add_build(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = BuildSettings(corpus=Path(), out=Path())
+    b = commands.add_parser(
+        "build",
+        help="train a memory bank from a corpus",
+        description="Train a memory bank: tokenizer, embeddings, hierarchical clusters, anchor "
+        "(pretrained here unless --anchor is given), memories; written atomically to --out.",
+    )
+    b.add_argument(
+        "--corpus", type=Path, required=True, help="JSONL of {'text': ...}, .txt, or a directory"
+    )
+    b.add_argument("--out", type=Path, required=True, help="bank directory to write")
+    b.add_argument("--levels", type=int, default=d.levels, help="cluster tree depth")
+    b.add_argument("--branching", type=int, default=d.branching, help="children per cluster")
+    b.add_argument("--widths", type=_ints, help="memory width per level, e.g. 64,32 (0: none)")
+    b.add_argument(
+        "--memory-type", choices=[t.value for t in MemoryType], default=d.memory_type.value
+    )
+    b.add_argument(
+        "--lora-targets", default=",".join(d.lora_targets), help=f"of {','.join(LORA_TARGETS)}"
+    )
+    b.add_argument("--embedder", choices=["hashed-tfidf", "minilm"], default=d.embedder)
+    b.add_argument("--embed-dim", type=int, default=d.embed_dim, help="hashed-tfidf dimensions")
+    b.add_argument(
+        "--minilm-dir", type=Path, help="all-MiniLM-L6-v2 directory (default: the package)"
+    )
+    b.add_argument("--anchor-size", choices=list(ANCHOR_SIZES), default=d.anchor_size)
+    b.add_argument("--anchor", type=Path, help="existing Hugging Face Llama checkpoint directory")
+    b.add_argument(
+        "--freeze-anchor", action="store_true", help="add memory post hoc: train memories only"
+    )
+    b.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    b.add_argument("--steps", type=int, default=d.memory_steps, help="memory training steps")
+    b.add_argument("--batch-size", type=int, default=d.batch_size)
+    b.add_argument("--lr", type=float, default=d.lr)
+    b.add_argument("--seq-len", type=int, default=d.seq_len)
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
+    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    b.add_argument("--bank-id", help="bank id (default: the output directory's name)")
+    b.add_argument("--overwrite", action="store_true", help="replace a bank already at --out")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.set_defaults(run=_build)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmem", description="Tiered memory-serving inference server."
     )
     parser.add_argument("--version", action="version", version=f"hmem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_build(commands)
 
     tiers = commands.add_parser("tiers", help="inspect the storage hierarchy")
     tier_commands = tiers.add_subparsers(dest="tiers_command", required=True)
@@ -70,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except TierError as exc:
+    except USER_ERRORS as exc:
         print(f"hmem: error: {exc}", file=sys.stderr)
         return 2
 

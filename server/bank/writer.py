@@ -103,6 +103,8 @@ class BankWriter:
         self.partial = Path(
             tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent)
         )
+        # mkdtemp makes the directory private (0700); a bank is read by the serving user too.
+        self.partial.chmod(0o755)
         self._blocks: dict[str, BlockEntry] = {}
         self._generic: dict[str, BlockEntry] = {}
         self._router_written = False

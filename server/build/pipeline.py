@@ -77,6 +77,11 @@ class BuildSettings:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @staticmethod
+    def default_widths(levels: int) -> tuple[int, ...]:
+        """64 neurons at level 1, halving per level: shallow blocks large, deep blocks small."""
+        return tuple(max(8, 64 >> (lvl - 1)) for lvl in range(1, levels + 1))
+
     def fingerprint(self) -> str:
         keep = {k: str(v) for k, v in asdict(self).items() if k not in ("overwrite", "progress")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

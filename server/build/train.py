@@ -135,6 +135,7 @@ class Trainer:
         meta = {"step": self.step, "losses": self.losses[-1000:], "sched": self.sched.state_dict(),
                 "param_groups": opt["param_groups"], "settings": asdict(self.s)}  # fmt: skip
         weights, info = self._files
+        self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp = weights.with_suffix(".tmp")
         save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
         tmp.replace(weights)
@@ -179,12 +180,14 @@ class Trainer:
         ]
         return build_memory_batch(per_seq, dtype=torch.float32)
 
-    def run(self, *, progress: bool = True) -> list[float]:
+    def run(self, *, progress: bool = True, until: int | None = None) -> list[float]:
+        """Train to the stage's last step (or to `until`, checkpointing there); the losses."""
         self.model.train()
         N = len(self.data.tokens)
+        stop = self.s.steps if until is None else min(until, self.s.steps)
         bar = tqdm(total=self.s.steps, initial=self.step, desc=self.name, disable=not progress,
                    unit="step", dynamic_ncols=True)  # fmt: skip
-        while self.step < self.s.steps:
+        while self.step < stop:
             idx = torch.randint(N, (min(self.s.batch_size, N),), generator=self.gen)
             tokens = self.data.tokens[idx]
             keep = int((tokens != PAD_ID).sum(1).max())  # trim padding columns
@@ -203,7 +206,7 @@ class Trainer:
             bar.update(1)
             if self.step % 20 == 0:
                 bar.set_postfix(loss=f"{sum(self.losses[-20:]) / 20:.3f}")
-            if self.step % self.checkpoint_every == 0 or self.step == self.s.steps:
+            if self.step % self.checkpoint_every == 0 or self.step == stop:
                 self.save()
         bar.close()
         self.model.eval()

@@ -1,0 +1,181 @@
+"""`hmem build` end to end on tiny settings, its refusals, and resumable training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.bank import Bank
+from server.bank.layout import ModelShape
+from server.build.memory_params import MemoryParams
+from server.build.pipeline import BuildSettings, build_bank
+from server.build.tokenizer import byte_tokenizer
+from server.build.train import Sequences, StageSettings, Trainer
+from server.cli import main
+from server.model.anchor import Anchor
+from server.model.checkpoint import load_anchor, save_anchor
+from server.model.memory import MemoryType
+from server.model.memory_batch import build_memory_batch
+from server.router import Router
+from tests.server.model.conftest import anchor
+
+TOPICS = [
+    "iron is a metal used in steel and bridges",
+    "the cat sat on the mat and purred softly",
+    "rain fell over the quiet green valley",
+    "the team won the final match at home",
+    "bread needs flour water salt and yeast",
+]
+
+
+def corpus(path: Path, n: int = 90) -> Path:
+    with path.open("w") as f:
+        for i in range(n):
+            text = f"{TOPICS[i % len(TOPICS)]}. Item {i} has code {i * 7 % 97}."
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def tiny(tmp_path: Path, **overrides: object) -> BuildSettings:
+    fields: dict[str, object] = {
+        "corpus": corpus(tmp_path / "corpus.jsonl"),
+        "out": tmp_path / "bank",
+        "levels": 2,
+        "branching": 3,
+        "widths": (8, 4),
+        "anchor_size": "tiny",
+        "pretrain_steps": 12,
+        "memory_steps": 12,
+        "batch_size": 8,
+        "seq_len": 96,
+        "embed_dim": 256,
+        "progress": False,
+    }
+    fields.update(overrides)
+    return BuildSettings(**fields)  # type: ignore[arg-type]
+
+
+def test_a_tiny_build_writes_a_bank_the_model_code_serves(tmp_path: Path) -> None:
+    summary = build_bank(tiny(tmp_path))
+    assert summary.windows == 90
+    assert summary.clusters == [3, 9]
+    assert summary.memory_loss is not None
+    bank = Bank.open(tmp_path / "bank")
+    bank.verify()
+    m = bank.manifest
+    assert (m.levels, m.branching, m.widths, m.bank_id) == (2, 3, [8, 4], "bank")
+    assert len(bank.block_keys()) == 3 + 9
+    router = Router.load(
+        bank.path / "router.safetensors", m.embedder, branching=m.branching, levels=m.levels
+    )
+    route = router.route_texts(["iron is a metal used in steel"])
+    path = [bank.read_block(k) for k in (
+        f"bank/L{lvl + 1}/{int(n)}" for lvl, n in enumerate(route.node_ids[0])
+    )]  # fmt: skip
+    model = load_anchor(bank.anchor_dir)
+    tokens = torch.tensor([[1, 70, 85, 82, 81]])
+    with torch.no_grad():
+        out = model(tokens, memory=build_memory_batch([path], dtype=torch.float32))
+    assert out.shape == (1, 5, model.config.vocab_size)
+    assert not list(tmp_path.glob(".bank.*"))  # no partial or work directories left
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--corpus", "{tmp}/missing.jsonl"], "does not exist"),
+        (["--corpus", "{tmp}/empty.jsonl"], "holds no documents"),
+        (["--corpus", "{tmp}/bad.jsonl"], "bad.jsonl:2: not JSON"),
+        (
+            ["--corpus", "{tmp}/c.jsonl", "--levels", "3", "--branching", "8"],
+            "90 documents for 512 clusters",
+        ),
+        (["--corpus", "{tmp}/c.jsonl", "--widths", "8,4,2"], "--widths has 3 values for 2 levels"),
+        (["--corpus", "{tmp}/c.jsonl", "--anchor", "{tmp}/mistral"], "unsupported architecture"),
+        (["--corpus", "{tmp}/c.jsonl", "--device", "cuda"], "no CUDA device"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    if torch.cuda.is_available() and "cuda" in args:
+        pytest.skip("this machine has CUDA")
+    corpus(tmp_path / "c.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
+    (tmp_path / "mistral").mkdir()
+    (tmp_path / "mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    argv = ["build", "--out", str(tmp_path / "out"), "--no-progress"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hmem: error: ")
+    assert message in err
+    assert "\n" not in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_an_existing_bank_is_kept_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    build_bank(tiny(tmp_path))
+    before = (tmp_path / "bank" / "manifest.json").read_text()
+    with pytest.raises(ValueError, match="already holds a bank; pass --overwrite"):
+        build_bank(tiny(tmp_path, seed=1))
+    assert (tmp_path / "bank" / "manifest.json").read_text() == before
+    build_bank(tiny(tmp_path, seed=1, overwrite=True))
+    assert (tmp_path / "bank" / "manifest.json").read_text() != before
+
+
+def test_frozen_anchor_mode_adds_memory_to_an_existing_checkpoint(tmp_path: Path) -> None:
+    src = tmp_path / "anchor"
+    model = anchor()  # vocab 97 < the byte tokenizer's 259: use a matching vocabulary
+    cfg = replace(model.config, vocab_size=byte_tokenizer().get_vocab_size())
+    base = Anchor(cfg)
+    save_anchor(base, src)
+    byte_tokenizer().save(str(src / "tokenizer.json"))
+    build_bank(tiny(tmp_path, anchor_dir=src, freeze_anchor=True))
+    out = load_anchor(tmp_path / "bank" / "anchor")
+    for (name, p), q in zip(base.state_dict().items(), out.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    trained = Bank.open(tmp_path / "bank").read_block("bank/L1/0")
+    assert any(t.abs().sum() > 0 for name, t in trained.tensors().items() if name == "down")
+
+
+def test_an_interrupted_stage_resumes_to_the_same_result(tmp_path: Path) -> None:
+    tokens = [[1, *range(3, 40), 2], [1, *range(50, 90), 2], [1, *range(60, 80), 2]] * 4
+    paths = torch.tensor([[i % 2, i % 4] for i in range(len(tokens))])
+    data = Sequences.build(tokens, paths, 64)
+    shape_kw = {"n_layers": 2, "d_model": 32, "n_heads": 4, "n_kv_heads": 2, "head_dim": 8}
+
+    def run(work: Path, until: int | None) -> Trainer:
+        model = anchor()
+        memory = MemoryParams(
+            memory_type=MemoryType.FFN,
+            model=ModelShape(intermediate_size=64, **shape_kw),
+            branching=2,
+            widths=(4, 2),
+            lora_targets=None,
+            seed=0,
+        )
+        t = Trainer("memories", model=model, memory=memory, data=data, work_dir=work,
+                    settings=StageSettings(steps=20, batch_size=4), seed=5, generic_prob=0.3,
+                    checkpoint_every=100)  # fmt: skip
+        t.resume()
+        t.run(progress=False, until=until)
+        return t
+
+    straight = run(tmp_path / "a", None)
+    first = run(tmp_path / "b", 8)
+    assert first.step == 8
+    resumed = run(tmp_path / "b", None)
+    assert resumed.step == 20
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    for p, q in zip(straight.memory.parameters(), resumed.memory.parameters(), strict=True):  # type: ignore[union-attr]
+        torch.testing.assert_close(p, q)
