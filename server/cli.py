@@ -1,6 +1,7 @@
 """The `hmem` command line.
 
-`hmem build` trains a memory bank from a corpus. `hmem tiers profiles` lists the device
+`hmem build` trains a memory bank from a corpus; `hmem bank push` copies its blocks to their
+tiers and `hmem bank verify` checks them there. `hmem tiers profiles` lists the device
 profiles a tier can emulate; `hmem tiers check` opens the configured storage hierarchy and
 reports, per tier, whether it answers and what it holds. Errors a user can fix are printed as
 one line, `hmem: error: ...`, with exit status 2.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import __version__
+from server.bank.commands import register as register_bank
 from server.bank.errors import BankError
 from server.build.corpus import CorpusError
 from server.build.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
@@ -152,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hmem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_build(commands)
+    register_bank(commands)
 
     tiers = commands.add_parser("tiers", help="inspect the storage hierarchy")
     tier_commands = tiers.add_subparsers(dest="tiers_command", required=True)

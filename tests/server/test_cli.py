@@ -64,3 +64,11 @@ def test_bad_settings_are_one_clear_line(
     assert err == "hmem: error: invalid settings: store.deadline_s: Input should be greater than 0"
     assert main(["tiers", "check", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_command_group_is_registered(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("build", "bank", "tiers"):
+        assert command in out

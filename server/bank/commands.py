@@ -1,0 +1,250 @@
+"""The `hmem bank` commands: `push` copies a bank's blocks to their tiers, `verify` checks them.
+
+    hmem bank push BANK --tier 1=lmdb:/data/flash --tier 2=/data/disk --tier 3=s3://b/p \\
+        [--endpoint-url URL] [--region R] [--create-bucket] [--concurrency N] [--no-progress]
+    hmem bank push BANK --config hmem.toml        # the placement of the settings' [store]
+    hmem bank verify BANK (same tier flags)
+
+`register` adds the group to the CLI's subparsers. Each command returns its exit code: 0 done,
+1 verify found missing or corrupt blocks, 2 an error (one line on stderr, `hmem: error: ...`),
+130 interrupted (a push resumes where it stopped when run again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from server.bank.errors import BankError
+from server.bank.push import (
+    PushReport,
+    VerifyReport,
+    check_placement,
+    placement_from_flags,
+    push_bank,
+    tier_location,
+    verify_bank,
+)
+from server.bank.reader import Bank
+from server.settings import load_settings
+from tiers.base import Tier
+from tiers.config import StoreConfig, open_tier
+from tiers.errors import ConfigError, TierError
+from tiers.s3 import S3Tier
+
+SHOWN_KEYS = 5  # problem keys listed per tier and kind; the rest are counted
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `bank push` and `bank verify` to the CLI's subcommands."""
+    bank = commands.add_parser("bank", help="copy a bank's blocks to their tiers, or check them")
+    bank_commands = bank.add_subparsers(dest="bank_command", required=True)
+
+    push = bank_commands.add_parser(
+        "push",
+        help="copy every block to its level's tiers (skips blocks already there)",
+        description="Copy every block of BANK to the tiers its level is placed on. Resumable: "
+        "blocks already in a tier with the right size are skipped.",
+    )
+    _add_common(push)
+    push.add_argument(
+        "--create-bucket",
+        action="store_true",
+        help="create the S3 buckets of the placement first if they do not exist",
+    )
+    push.set_defaults(run=_command(_push))
+
+    verify = bank_commands.add_parser(
+        "verify",
+        help="check that every block is in its tiers with the manifest's size and sha256",
+    )
+    _add_common(verify)
+    verify.set_defaults(run=_command(_verify))
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bank", type=Path, metavar="BANK", help="bank directory")
+    parser.add_argument(
+        "--tier",
+        action="append",
+        default=[],
+        metavar="LEVEL=URI",
+        help="where a level lives: lmdb:PATH, a directory, or s3://bucket/prefix; repeat per "
+        "level (a level given twice gets a replica; one URI for several levels is one tier)",
+    )
+    parser.add_argument(
+        "--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// tiers"
+    )
+    parser.add_argument("--region", metavar="REGION", help="S3 region for s3:// tiers")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="SETTINGS",
+        help="settings file (TOML or JSON) whose [store] gives the tiers and placement, "
+        "instead of --tier",
+    )
+    parser.add_argument(
+        "--concurrency", type=_positive, default=8, metavar="N", help="blocks in flight (default 8)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _command(
+    body: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
+) -> Callable[[argparse.Namespace], int]:
+    """Run `body` on a fresh event loop; errors become one line and exit code 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return asyncio.run(body(args))
+        except (TierError, BankError, ValueError, OSError) as exc:
+            print(f"hmem: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("hmem: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _store_config(args: argparse.Namespace, bank: Bank) -> StoreConfig:
+    if args.tier:
+        if args.config is not None:
+            raise ConfigError("give the placement as --tier flags or --config, not both")
+        return placement_from_flags(
+            args.tier,
+            bank_id=bank.manifest.bank_id,
+            levels=bank.manifest.levels,
+            endpoint_url=args.endpoint_url,
+            region=args.region,
+        )
+    if args.endpoint_url is not None or args.region is not None:
+        raise ConfigError("--endpoint-url and --region apply to --tier s3:// URIs only")
+    store = load_settings(args.config).store
+    if store is None:
+        raise ConfigError(
+            "no placement: give --tier LEVEL=URI for each level, or --config SETTINGS "
+            "with a [store] section"
+        )
+    return store
+
+
+async def _open_tiers(config: StoreConfig) -> dict[str, Tier]:
+    """The placement's tiers (homes and replicas), bare: no device profile, no cap."""
+    names = dict.fromkeys(n for level in sorted(config.placement) for n in config.placement[level])
+    tiers: dict[str, Tier] = {}
+    try:
+        for name in names:
+            tiers[name] = open_tier(name, config.tiers[name])
+    except BaseException:
+        await _close(tiers)
+        raise
+    return tiers
+
+
+async def _close(tiers: dict[str, Tier]) -> None:
+    for tier in tiers.values():
+        await tier.aclose()
+
+
+def _levels_of(config: StoreConfig) -> dict[str, str]:
+    levels: dict[str, list[int]] = {}
+    for level, names in sorted(config.placement.items()):
+        for name in names:
+            levels.setdefault(name, []).append(level)
+    return {name: ",".join(map(str, ls)) for name, ls in levels.items()}
+
+
+async def _push(args: argparse.Namespace) -> int:
+    bank = Bank.open(args.bank, require_anchor=False)
+    config = _store_config(args, bank)
+    check_placement(bank.manifest, config.placement, config.tiers.keys())
+    tiers = await _open_tiers(config)
+    try:
+        if args.create_bucket:
+            for tier in tiers.values():
+                if isinstance(tier, S3Tier) and await tier.create_bucket():
+                    print(f"created S3 bucket {tier.bucket!r} for tier {tier.name!r}")
+        report = await push_bank(
+            bank,
+            tiers,
+            config.placement,
+            concurrency=args.concurrency,
+            progress=not args.no_progress,
+        )
+    finally:
+        await _close(tiers)
+    _print_push(bank, config, report)
+    return 0
+
+
+def _print_push(bank: Bank, config: StoreConfig, report: PushReport) -> None:
+    levels = _levels_of(config)
+    print(f"{'tier':<10} {'levels':<8} {'written':>8} {'skipped':>8} {'MiB':>10}  where")
+    for name, t in report.tiers.items():
+        where = tier_location(config.tiers[name])
+        mib = t.bytes_written / 2**20
+        print(f"{name:<10} {levels[name]:<8} {t.written:>8} {t.skipped:>8} {mib:>10.2f}  {where}")
+    print(
+        f"bank {bank.manifest.bank_id!r}: {report.written} blocks written "
+        f"({report.bytes_written / 2**20:.2f} MiB), {report.skipped} already there, "
+        f"in {report.seconds:.1f} s"
+    )
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    bank = Bank.open(args.bank, require_anchor=False, check_files=False)
+    config = _store_config(args, bank)
+    check_placement(bank.manifest, config.placement, config.tiers.keys())
+    tiers = await _open_tiers(config)
+    try:
+        report = await verify_bank(
+            bank,
+            tiers,
+            config.placement,
+            concurrency=args.concurrency,
+            progress=not args.no_progress,
+        )
+    finally:
+        await _close(tiers)
+    _print_verify(bank, config, report)
+    return 0 if report.ok else 1
+
+
+def _print_verify(bank: Bank, config: StoreConfig, report: VerifyReport) -> None:
+    levels = _levels_of(config)
+    print(f"{'tier':<10} {'levels':<8} {'ok':>6} {'missing':>8} {'corrupt':>8}  where")
+    for name, t in report.tiers.items():
+        where = tier_location(config.tiers[name])
+        print(
+            f"{name:<10} {levels[name]:<8} {t.ok:>6} {len(t.missing):>8} {len(t.corrupt):>8}  "
+            f"{where}"
+        )
+    for name, t in report.tiers.items():
+        for key in t.missing[:SHOWN_KEYS]:
+            print(f"  {name}: missing {key}")
+        if len(t.missing) > SHOWN_KEYS:
+            print(f"  {name}: ... and {len(t.missing) - SHOWN_KEYS} more missing")
+        for key, why in list(t.corrupt.items())[:SHOWN_KEYS]:
+            print(f"  {name}: corrupt {key} ({why})")
+        if len(t.corrupt) > SHOWN_KEYS:
+            print(f"  {name}: ... and {len(t.corrupt) - SHOWN_KEYS} more corrupt")
+    verdict = "ok" if report.ok else "FAILED"
+    print(f"bank {bank.manifest.bank_id!r}: verify {verdict} in {report.seconds:.1f} s")
+
+
+__all__ = ["register"]
