@@ -1,10 +1,11 @@
 """The `hmem` command line.
 
 `hmem build` trains a memory bank from a corpus; `hmem bank push` copies its blocks to their
-tiers and `hmem bank verify` checks them there. `hmem tiers profiles` lists the device
-profiles a tier can emulate; `hmem tiers check` opens the configured storage hierarchy and
-reports, per tier, whether it answers and what it holds. Errors a user can fix are printed as
-one line, `hmem: error: ...`, with exit status 2.
+tiers and `hmem bank verify` checks them there. `hmem synth` writes a synthetic long-tail
+corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket.
+`hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
+the configured storage hierarchy and reports, per tier, whether it answers and what it holds.
+Errors a user can fix are printed as one line, `hmem: error: ...`, with exit status 2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from server import __version__
 from server.bank.commands import register as register_bank
 from server.bank.errors import BankError
 from server.build.corpus import CorpusError
+from server.build.evaluate import evaluate
 from server.build.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
+from server.build.synth import generate_corpus
 from server.model.errors import ModelError
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.router.errors import RouterError
@@ -147,6 +150,49 @@ def _add_build(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     b.set_defaults(run=_build)
 
 
+def _synth(args: argparse.Namespace) -> int:
+    corpus = generate_corpus(
+        seed=args.seed,
+        invented_entities=args.invented_entities,
+        filler_docs=args.filler_docs,
+        max_mentions=args.max_mentions,
+    )
+    corpus.write(args.out)
+    print(f"wrote {len(corpus.documents)} documents and {len(corpus.facts)} facts to {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    report = evaluate(
+        args.bank, args.facts, modes=args.modes.split(","), progress=not args.no_progress
+    )
+    print(report.table())
+    if args.json is not None:
+        args.json.write_text(report.to_json())
+    return 0
+
+
+def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = commands.add_parser(
+        "synth", help="write a synthetic long-tail knowledge corpus (corpus.jsonl, facts.jsonl)"
+    )
+    s.add_argument("--out", type=Path, required=True, help="directory to write")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--invented-entities", type=int, default=80, help="per invented family")
+    s.add_argument("--filler-docs", type=int, default=450, help="general-text documents")
+    s.add_argument("--max-mentions", type=int, default=100, help="mentions of the top entity")
+    s.set_defaults(run=_synth)
+    e = commands.add_parser(
+        "eval", help="long-tail accuracy by frequency bucket, with memory and without"
+    )
+    e.add_argument("--bank", type=Path, required=True)
+    e.add_argument("--facts", type=Path, required=True, help="facts.jsonl from hmem synth")
+    e.add_argument("--modes", default="memory,anchor,generic")
+    e.add_argument("--json", type=Path, help="also write the full report as JSON")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(run=_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hmem", description="Tiered memory-serving inference server."
@@ -154,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hmem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_build(commands)
+    _add_synth_and_eval(commands)
     register_bank(commands)
 
     tiers = commands.add_parser("tiers", help="inspect the storage hierarchy")

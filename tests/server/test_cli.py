@@ -72,3 +72,24 @@ def test_every_command_group_is_registered(capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     for command in ("build", "bank", "tiers"):
         assert command in out
+
+
+def test_synth_build_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = tmp_path / "corpus"
+    args = ["synth", "--out", str(corpus), "--invented-entities", "10", "--filler-docs", "20"]
+    assert main([*args, "--max-mentions", "6"]) == 0
+    assert main(
+        ["build", "--corpus", str(corpus / "corpus.jsonl"), "--out", str(tmp_path / "bank"),
+         "--levels", "2", "--branching", "3", "--widths", "8,4", "--anchor-size", "tiny",
+         "--pretrain-steps", "5", "--steps", "5", "--embed-dim", "256", "--no-progress"]
+    ) == 0  # fmt: skip
+    capsys.readouterr()
+    report = tmp_path / "report.json"
+    assert main(
+        ["eval", "--bank", str(tmp_path / "bank"), "--facts", str(corpus / "facts.jsonl"),
+         "--json", str(report), "--no-progress"]
+    ) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "### element (118 facts)" in out
+    assert "| bucket | mentions | memory | anchor | generic |" in out
+    assert report.read_text().startswith("{")
