@@ -20,6 +20,7 @@ from server import __version__
 from server.bank.commands import register as register_bank
 from server.bank.errors import BankError
 from server.build.corpus import CorpusError
+from server.build.demo import build_demo
 from server.build.evaluate import evaluate
 from server.build.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
 from server.build.synth import generate_corpus
@@ -172,6 +173,14 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    result = build_demo(args.data_dir, overwrite=args.overwrite, progress=not args.no_progress)
+    print(result.summary.text())
+    print()
+    print(result.report.table())
+    return 0
+
+
 def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = commands.add_parser(
         "synth", help="write a synthetic long-tail knowledge corpus (corpus.jsonl, facts.jsonl)"
@@ -191,6 +200,13 @@ def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentPa
     e.add_argument("--json", type=Path, help="also write the full report as JSON")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(run=_eval)
+    d = commands.add_parser(
+        "demo", help="build the demo bank from the synthetic corpus (fixed seeds) and evaluate it"
+    )
+    d.add_argument("--data-dir", type=Path, help="default: $HMEM_DATA_DIR or ~/.local/share/hmem")
+    d.add_argument("--overwrite", action="store_true", help="rebuild an existing demo bank")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(run=_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
