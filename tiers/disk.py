@@ -27,6 +27,15 @@ _TMP_PREFIX = ".tmp-"
 _STALE_TEMP_S = 600.0
 
 
+def fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (the directory entry, not only the file)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class DiskTier(ThreadedTier):
     """Blocks as files `root/<key>.blk`; key segments become directories."""
 
@@ -84,20 +93,12 @@ class DiskTier(ThreadedTier):
                 os.close(fd)
             os.replace(tmp, path)
             if self._fsync:
-                self._fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise TierFullError(self.name, "no space left on device") from exc
             raise
-
-    @staticmethod
-    def _fsync_dir(directory: Path) -> None:
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _contains(self, key: str) -> bool:
         return self._path(key).is_file()

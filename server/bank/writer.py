@@ -41,14 +41,7 @@ from server.bank.paths import (
 )
 from server.bank.router_file import ROUTER_NAME, encode_router
 from server.model.memory import MemoryBlock, MemoryType, memory_type_of
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from tiers.disk import fsync_dir
 
 
 def _check_target(path: Path, *, overwrite: bool) -> bool:
@@ -193,7 +186,7 @@ class BankWriter:
             )
             self._write(MANIFEST_NAME, manifest.to_json().encode())
             for dirpath, _dirs, _files in os.walk(self.partial, topdown=False):
-                _fsync_dir(Path(dirpath))
+                fsync_dir(Path(dirpath))
             self._install()
         except BaseException:
             self.abort()
@@ -209,7 +202,7 @@ class BankWriter:
                 os.rename(self.partial, self.out_dir)  # replaces an empty directory only
             except OSError as exc:
                 raise BankExistsError(self.out_dir, f"appeared while writing: {exc}") from exc
-            _fsync_dir(parent)
+            fsync_dir(parent)
             return
         old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=parent))
         try:
@@ -222,7 +215,7 @@ class BankWriter:
         except BaseException:
             os.rename(old, self.out_dir)
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
