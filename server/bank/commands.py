@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -143,22 +144,18 @@ def _store_config(args: argparse.Namespace, bank: Bank) -> StoreConfig:
     return store
 
 
-async def _open_tiers(config: StoreConfig) -> dict[str, Tier]:
-    """The placement's tiers (homes and replicas), bare: no device profile, no cap."""
+@contextlib.asynccontextmanager
+async def _placed_tiers(config: StoreConfig) -> AsyncIterator[dict[str, Tier]]:
+    """The placement's tiers (homes and replicas), bare (no profile, no cap), closed on exit."""
     names = dict.fromkeys(n for level in sorted(config.placement) for n in config.placement[level])
     tiers: dict[str, Tier] = {}
     try:
         for name in names:
             tiers[name] = open_tier(name, config.tiers[name])
-    except BaseException:
-        await _close(tiers)
-        raise
-    return tiers
-
-
-async def _close(tiers: dict[str, Tier]) -> None:
-    for tier in tiers.values():
-        await tier.aclose()
+        yield tiers
+    finally:
+        for tier in tiers.values():
+            await tier.aclose()
 
 
 def _levels_of(config: StoreConfig) -> dict[str, str]:
@@ -173,8 +170,7 @@ async def _push(args: argparse.Namespace) -> int:
     bank = Bank.open(args.bank, require_anchor=False)
     config = _store_config(args, bank)
     check_placement(bank.manifest, config.placement, config.tiers.keys())
-    tiers = await _open_tiers(config)
-    try:
+    async with _placed_tiers(config) as tiers:
         if args.create_bucket:
             for tier in tiers.values():
                 if isinstance(tier, S3Tier) and await tier.create_bucket():
@@ -186,8 +182,6 @@ async def _push(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             progress=not args.no_progress,
         )
-    finally:
-        await _close(tiers)
     _print_push(bank, config, report)
     return 0
 
@@ -210,8 +204,7 @@ async def _verify(args: argparse.Namespace) -> int:
     bank = Bank.open(args.bank, require_anchor=False, check_files=False)
     config = _store_config(args, bank)
     check_placement(bank.manifest, config.placement, config.tiers.keys())
-    tiers = await _open_tiers(config)
-    try:
+    async with _placed_tiers(config) as tiers:
         report = await verify_bank(
             bank,
             tiers,
@@ -219,8 +212,6 @@ async def _verify(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             progress=not args.no_progress,
         )
-    finally:
-        await _close(tiers)
     _print_verify(bank, config, report)
     return 0 if report.ok else 1
 

@@ -14,9 +14,8 @@ import json
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -75,7 +74,6 @@ class BuildSettings:
     bank_id: str | None = None
     overwrite: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @staticmethod
     def default_widths(levels: int) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ with an error that names the key, so a checkpoint is never run with the wrong ma
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from server.model.errors import UnsupportedArchitectureError
@@ -43,7 +43,6 @@ class AnchorConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
