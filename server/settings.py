@@ -8,19 +8,35 @@ then defaults. Nothing is built at import time.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
 from tiers import StoreConfig
 from tiers.errors import ConfigError
+
+MemoryMode = Literal["auto", "off", "generic"]
+MEMORY_MODES: tuple[MemoryMode, ...] = ("auto", "off", "generic")
+
+
+class KeyPolicy(BaseModel):
+    """What one API key may do with memory."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modes: list[MemoryMode] = Field(
+        default_factory=lambda: list(MEMORY_MODES), description="memory modes allowed"
+    )
+    levels: list[int] | None = Field(None, description="levels it may use; None: every level")
+    explicit_path: bool = Field(True, description="may it name a cluster path itself")
 
 
 class Settings(BaseSettings):
@@ -28,7 +44,48 @@ class Settings(BaseSettings):
         env_prefix="HMEM_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    store: StoreConfig | None = None
+    # What is served. No bank: the demo bank, its blocks on the embedded default tiers.
+    bank: Path | None = Field(None, description="bank directory; None serves the demo bank")
+    data_dir: Path | None = Field(
+        None, description="state: default tiers, blocklist; None: $HMEM_DATA_DIR or XDG"
+    )
+    model_name: str | None = Field(None, description="model id in the API; None: the bank id")
+    store: StoreConfig | None = Field(None, description="tiers and placement; None: embedded")
+    cloud_endpoint: str | None = Field(
+        None, description="S3 endpoint for the embedded default's deepest level (else disk)"
+    )
+    cloud_bucket: str = Field("hmem", min_length=3, max_length=63)
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    # The engine.
+    device: Literal["cpu", "cuda"] = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_batch: int = Field(16, ge=1, le=1024, description="sequences decoded together")
+    max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond: 429")
+    max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask")
+    max_n: int = Field(8, ge=1, le=128, description="largest n (choices per prompt)")
+    max_prompts: int = Field(32, ge=1, description="largest list of prompts in one request")
+    fallback: Literal["generic", "none"] = Field(
+        "generic", description="what replaces a blocked, disabled or late level"
+    )
+    memory_deadline_s: float | None = Field(
+        None, gt=0, description="wait for a path's blocks; None: the store's deadline"
+    )
+    warmup: bool = True
+
+    # Access.
+    api_keys: dict[Annotated[str, Field(min_length=8)], KeyPolicy] = Field(
+        default_factory=dict, description="bearer key -> memory policy; empty: no auth"
+    )
+    admin_key: SecretStr | None = Field(
+        None, min_length=8, description="bearer key of the admin endpoints"
+    )
+    blocklist_file: Path | None = Field(
+        None, description="blocked clusters, persisted; None: blocklist.json in data_dir"
+    )
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
@@ -56,6 +113,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     try:
         return Settings.model_validate(_Sourced(**overrides).model_dump())
+    except SettingsError as exc:  # a value that is not the JSON its field needs, and the like
+        raise ConfigError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()

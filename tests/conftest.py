@@ -57,3 +57,11 @@ def s3_bucket(request: pytest.FixtureRequest) -> str:
     """A bucket name unique to the test (S3 names: lowercase, digits, dashes; 3-63 chars)."""
     name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
     return f"t-{name}"[:63].rstrip("-")
+
+
+@pytest.fixture(autouse=True)
+def _private_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No test writes state (tiers, blocklist) under the real home directory."""
+    monkeypatch.setenv("HMEM_DATA_DIR", str(tmp_path_factory.mktemp("hmem-data")))

@@ -31,6 +31,7 @@ from server.bank.push import (
     verify_bank,
 )
 from server.bank.reader import Bank
+from server.defaults import bank_dir, store_config
 from server.settings import load_settings
 from tiers.base import Tier
 from tiers.config import StoreConfig, open_tier
@@ -78,7 +79,13 @@ def _positive(text: str) -> int:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bank", type=Path, metavar="BANK", help="bank directory")
+    parser.add_argument(
+        "bank",
+        type=Path,
+        metavar="BANK",
+        nargs="?",
+        help="bank directory (default: the served bank of the settings, else the demo bank)",
+    )
     parser.add_argument(
         "--tier",
         action="append",
@@ -122,6 +129,12 @@ def _command(
     return run
 
 
+def _bank_dir(args: argparse.Namespace) -> Path:
+    if args.bank is not None:
+        return Path(args.bank)
+    return bank_dir(load_settings(args.config))
+
+
 def _store_config(args: argparse.Namespace, bank: Bank) -> StoreConfig:
     if args.tier:
         if args.config is not None:
@@ -135,13 +148,9 @@ def _store_config(args: argparse.Namespace, bank: Bank) -> StoreConfig:
         )
     if args.endpoint_url is not None or args.region is not None:
         raise ConfigError("--endpoint-url and --region apply to --tier s3:// URIs only")
-    store = load_settings(args.config).store
-    if store is None:
-        raise ConfigError(
-            "no placement: give --tier LEVEL=URI for each level, or --config SETTINGS "
-            "with a [store] section"
-        )
-    return store
+    # The settings' [store], else the embedded default `hmem serve` uses (HMEM_* environment).
+    config, _ = store_config(load_settings(args.config), bank.manifest)
+    return config
 
 
 @contextlib.asynccontextmanager
@@ -167,7 +176,7 @@ def _levels_of(config: StoreConfig) -> dict[str, str]:
 
 
 async def _push(args: argparse.Namespace) -> int:
-    bank = Bank.open(args.bank, require_anchor=False)
+    bank = Bank.open(_bank_dir(args), require_anchor=False)
     config = _store_config(args, bank)
     check_placement(bank.manifest, config.placement, config.tiers.keys())
     async with _placed_tiers(config) as tiers:
@@ -201,7 +210,7 @@ def _print_push(bank: Bank, config: StoreConfig, report: PushReport) -> None:
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    bank = Bank.open(args.bank, require_anchor=False, check_files=False)
+    bank = Bank.open(_bank_dir(args), require_anchor=False, check_files=False)
     config = _store_config(args, bank)
     check_placement(bank.manifest, config.placement, config.tiers.keys())
     async with _placed_tiers(config) as tiers:

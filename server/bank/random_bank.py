@@ -99,6 +99,7 @@ def write_random_bank(
                 dim=dim,
                 ngram_max=int(m.embedder.get("ngram_max", 2)),
                 seed=int(m.embedder.get("seed", 0)),
+                idf_power=float(m.embedder.get("idf_power", 2.0)),
             ).state_tensors()
             router.update({f"embedder.{name}": t for name, t in state.items()})
         writer.write_router(router)

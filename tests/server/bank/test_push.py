@@ -334,13 +334,25 @@ fsync = false
     assert "verify ok" in capsys.readouterr().out
 
 
+def test_cli_without_a_placement_uses_the_embedded_default(
+    bank: Bank, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No --tier, no [store]: the tiers `hmem serve` would use, under HMEM_DATA_DIR."""
+    monkeypatch.setenv("HMEM_DATA_DIR", str(tmp_path / "state"))
+    assert run_cli(["bank", "push", str(bank.path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "14 blocks written" in out
+    assert f"lmdb:{tmp_path / 'state' / 'tiers' / 'flash.lmdb'}" in out
+    assert run_cli(["bank", "verify", str(bank.path), "--no-progress"]) == 0
+    assert "verify ok" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--tier", "4=d"], "--tier '4=d': bank 'tiny' has levels 1..3"),
         (["--tier", "1=ftp://host/x"], "unsupported scheme"),
         (["--tier", "1=d"], "level 2 of bank 'tiny' has blocks but no tier"),
-        ([], "no placement: give --tier LEVEL=URI"),
         (["--config", "missing.toml"], "settings file missing.toml does not exist"),
         (["--tier", "1=d", "--config", "x.toml"], "--tier flags or --config, not both"),
     ],

@@ -115,7 +115,9 @@ def test_rare_name_dominates_after_fit() -> None:
 
 
 def test_fit_sets_smoothed_idf() -> None:
-    emb = HashedTfidfEmbedder(dim=1 << 16, ngram_max=1).fit(["iron gold", "iron", "iron tin"])
+    emb = HashedTfidfEmbedder(dim=1 << 16, ngram_max=1, idf_power=1).fit(
+        ["iron gold", "iron", "iron tin"]
+    )
     (row,) = emb.embed(["iron"])
     bucket = int(row.abs().argmax())
     assert float(emb.idf[bucket]) == pytest.approx(1.0)  # log(4 / 4) + 1
@@ -126,9 +128,33 @@ def test_fit_sets_smoothed_idf() -> None:
         emb.fit([])
 
 
+def test_idf_power_raises_the_fitted_weights() -> None:
+    corpus = ["iron gold", "iron", "iron tin"]
+    plain = HashedTfidfEmbedder(dim=1 << 16, ngram_max=1, idf_power=1).fit(corpus)
+    squared = HashedTfidfEmbedder(dim=1 << 16, ngram_max=1).fit(corpus)
+    assert torch.allclose(squared.idf, plain.idf.pow(2))
+    # Squared weights give a rare word a larger share of a text: "tin" outweighs "iron" more.
+    (p_row,), (s_row,) = plain.embed(["iron tin"]), squared.embed(["iron tin"])
+    assert float(s_row.abs().max()) > float(p_row.abs().max())
+    with pytest.raises(ValueError, match="idf_power"):
+        HashedTfidfEmbedder(dim=8, idf_power=0)
+
+
+def test_specs_without_idf_power_load_with_their_stored_weights() -> None:
+    """Banks written before idf_power existed: the spec lacks it, the stored weights decide."""
+    weights = torch.linspace(1.0, 3.0, 16)
+    spec = {"kind": "hashed-tfidf", "dim": 16, "ngram_max": 2, "seed": 0}
+    emb = load_embedder(spec, {"idf": weights})
+    assert isinstance(emb, HashedTfidfEmbedder)
+    assert emb.idf_power == 1.0
+    assert torch.equal(emb.idf, weights)
+
+
 def test_idf_round_trips_through_state_tensors() -> None:
     emb = HashedTfidfEmbedder(dim=2048, ngram_max=2, seed=3).fit(_corpus())
-    assert emb.spec == {"kind": "hashed-tfidf", "dim": 2048, "ngram_max": 2, "seed": 3}
+    assert emb.spec == {
+        "kind": "hashed-tfidf", "dim": 2048, "ngram_max": 2, "seed": 3, "idf_power": 2.0
+    }  # fmt: skip
     json.dumps(emb.spec)
     again = load_embedder(emb.spec, emb.state_tensors())
     assert again.spec == emb.spec
@@ -162,7 +188,17 @@ def test_idf_round_trips_through_state_tensors() -> None:
         (
             {"kind": "hashed-tfidf", "dim": 8, "ngram_max": 0, "seed": 0},
             {"idf": torch.ones(8)},
-            "ngram_max must be at least 1",
+            "ngram_max",
+        ),
+        (
+            {"kind": "hashed-tfidf", "dim": 8, "ngram_max": 2, "seed": 0, "idf_power": "2"},
+            {"idf": torch.ones(8)},
+            "idf_power",
+        ),
+        (
+            {"kind": "hashed-tfidf", "dim": 8, "ngram_max": 2, "seed": 0, "idf_power": 0.0},
+            {"idf": torch.ones(8)},
+            "idf_power must be in",
         ),
     ],
 )
