@@ -1,6 +1,7 @@
 """The `hmem` command line.
 
-`hmem build` trains a memory bank from a corpus; `hmem bank push` copies its blocks to their
+`hmem serve` serves a bank over HTTP (with no arguments, the demo bank). `hmem build` trains a
+memory bank from a corpus; `hmem bank push` copies its blocks to their
 tiers and `hmem bank verify` checks them there. `hmem synth` writes a synthetic long-tail
 corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket.
 `hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
@@ -28,6 +29,7 @@ from server.build.synth import generate_corpus
 from server.model.errors import ModelError
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.router.errors import RouterError
+from server.serve import register as register_serve
 from server.settings import load_settings
 from tiers import BytesCodec, TierError, build_store, load_profiles
 
@@ -219,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build(commands)
     _add_synth_and_eval(commands)
     register_bank(commands)
+    register_serve(commands)
 
     tiers = commands.add_parser("tiers", help="inspect the storage hierarchy")
     tier_commands = tiers.add_subparsers(dest="tiers_command", required=True)

@@ -109,6 +109,19 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A view of batch rows start..stop-1: writes through it land in this cache."""
+        view = object.__new__(KVCache)
+        view.k = self.k[:, start:stop]
+        view.v = self.v[:, start:stop]
+        view.max_len = self.max_len
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy row `src`'s first `length` positions over row `dst` (compacting a batch)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     def write(
         self, layer: int, positions: Tensor, k: Tensor, v: Tensor, span: int
     ) -> tuple[Tensor, Tensor]:

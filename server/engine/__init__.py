@@ -1,0 +1,1 @@
+"""The engine: where tiers meet the model (memory resolution, batching, sampling)."""

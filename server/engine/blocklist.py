@@ -1,0 +1,135 @@
+"""Blocked clusters: persisted, reloaded at start, and checked before any block is fetched.
+
+Blocking the cluster `(level, node)` blocks its block and every block below it in the tree (its
+subtree), as the paper blocks "the best-matching level-1 subtree". A path's block at level l is
+blocked when the path's node at any level <= l is. The file is JSON, written atomically (a temp
+file, fsync, rename, fsync of the directory), so a crash leaves the old list or the new one,
+never half of either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tiers.disk import fsync_dir
+
+FORMAT_VERSION = 1
+
+
+class BlocklistError(ValueError):
+    """A cluster outside the bank's tree, or a blocklist file that cannot be used."""
+
+
+class Blocklist:
+    """The set of blocked clusters of one tree (`levels` deep, `branching` wide)."""
+
+    def __init__(self, path: Path | None, *, levels: int, branching: int) -> None:
+        self.path = path
+        self.levels = levels
+        self.branching = branching
+        self._blocked: set[tuple[int, int]] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, path: Path | None, *, levels: int, branching: int) -> Blocklist:
+        """The persisted list at `path` (an absent file is an empty list)."""
+        blocklist = cls(path, levels=levels, branching=branching)
+        if path is None or not path.exists():
+            return blocklist
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != FORMAT_VERSION:
+                raise BlocklistError(f"version {data.get('version')!r}, expected {FORMAT_VERSION}")
+            entries = [(int(e["level"]), int(e["node"])) for e in data["blocked"]]
+            for level, node in entries:
+                blocklist.check(level, node)  # a file written for another tree
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise BlocklistError(f"blocklist file {path} is not usable: {exc}") from None
+        blocklist._blocked = set(entries)
+        return blocklist
+
+    def check(self, level: int, node: int) -> None:
+        """Raise `BlocklistError` unless (level, node) is a cluster of this tree."""
+        if not 1 <= level <= self.levels:
+            raise BlocklistError(f"level must be in 1..{self.levels}, got {level}")
+        n = self.branching**level
+        if not 0 <= node < n:
+            raise BlocklistError(f"node of level {level} must be in 0..{n - 1}, got {node}")
+
+    def entries(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return sorted(self._blocked)
+
+    def block(self, level: int, node: int) -> bool:
+        """Block a cluster and its subtree and persist; False if it was already blocked."""
+        return self._change(level, node, add=True)
+
+    def unblock(self, level: int, node: int) -> bool:
+        """Unblock a cluster (not blocks blocked through an ancestor); False if it was not."""
+        return self._change(level, node, add=False)
+
+    def _change(self, level: int, node: int, *, add: bool) -> bool:
+        self.check(level, node)
+        with self._lock:
+            present = (level, node) in self._blocked
+            if present == add:
+                return False
+            updated = set(self._blocked)
+            if add:
+                updated.add((level, node))
+            else:
+                updated.discard((level, node))
+            self._save(updated)  # persisted before it takes effect: a crash never loses a block
+            self._blocked = updated
+            return True
+
+    def blocked_levels(self, node_ids: Sequence[int]) -> list[int]:
+        """The levels of a path (node ids, level 1 first) whose block is blocked."""
+        with self._lock:
+            blocked = self._blocked
+        out: list[int] = []
+        through_ancestor = False
+        for level, node in enumerate(node_ids, start=1):
+            through_ancestor = through_ancestor or (level, node) in blocked
+            if through_ancestor:
+                out.append(level)
+        return out
+
+    def covers(self, level: int, node: int) -> bool:
+        """Is the block (level, node) blocked, itself or through an ancestor?"""
+        with self._lock:
+            blocked = self._blocked
+        for up in range(level, 0, -1):
+            if (up, node) in blocked:
+                return True
+            node //= self.branching
+        return False
+
+    def covered(self, keys: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Those of `keys` (level, node) that are blocked."""
+        return [k for k in keys if self.covers(*k)]
+
+    def _save(self, blocked: set[tuple[int, int]]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        body = {
+            "version": FORMAT_VERSION,
+            "blocked": [{"level": level, "node": node} for level, node in sorted(blocked)],
+        }
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(body, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.path.parent)

@@ -1,0 +1,149 @@
+"""Everything a serving process holds, opened in order from `Settings` and closed in reverse.
+
+Open: the bank's manifest and router, the store over its tiers (on the embedded default, the
+bank's blocks are first copied to them; the copy is idempotent and skips what is there), the
+blocklist (reloaded from its file), the anchor and tokenizer, and the engine's model thread,
+which is then warmed up with one short generation so the first request pays no one-time costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server.bank.codec import torch_dtype
+from server.bank.push import push_bank
+from server.bank.reader import Bank
+from server.bank.router_file import ROUTER_NAME
+from server.defaults import bank_dir, blocklist_file, store_config
+from server.engine.blocklist import Blocklist
+from server.engine.memory import MemoryResolver
+from server.engine.sampling import SamplingParams
+from server.engine.scheduler import Engine
+from server.model.anchor import Anchor
+from server.model.checkpoint import load_anchor
+from server.model.errors import ModelError
+from server.model.memory import MemoryBlock
+from server.router.tree import Router
+from server.settings import Settings
+from server.tokenizer import AnchorTokenizer
+from tiers import S3Tier, StoreMetrics, TieredStore, build_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    bank: Bank
+    model_name: str
+    model: Anchor
+    tokenizer: AnchorTokenizer
+    store: TieredStore[MemoryBlock]
+    store_metrics: StoreMetrics
+    resolver: MemoryResolver
+    blocklist: Blocklist
+    engine: Engine
+    embedded: bool
+    started_at: float
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.max_len
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Runtime:
+        if settings.device == "cuda" and not torch.cuda.is_available():
+            raise ModelError("device is cuda but CUDA is not available on this machine")
+        root = bank_dir(settings)
+        bank = await asyncio.to_thread(Bank.open, root, check_files=False)
+        m = bank.manifest
+        config, embedded = store_config(settings, m)
+        metrics = StoreMetrics()
+        store = await build_store(config, codec=bank.codec(), digests=m.digests(), metrics=metrics)
+        try:
+            if embedded:
+                for tier in store.tiers.values():  # the embedded default's cloud bucket
+                    if isinstance(tier, S3Tier):
+                        await tier.create_bucket()
+                report = await push_bank(bank, store.tiers, config.placement, progress=False)
+                if report.written:
+                    log.info("copied %d blocks of %s to the default tiers", report.written, root)
+            router = await asyncio.to_thread(
+                Router.load, bank.path / ROUTER_NAME, m.embedder, branching=m.branching,
+                levels=m.levels,
+            )  # fmt: skip
+            dtype = torch_dtype(settings.dtype)
+            model = await asyncio.to_thread(
+                load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device
+            )
+            tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
+            generic = {
+                level: block
+                for level in m.memory_levels()
+                if (block := bank.generic(level)) is not None
+            }
+            blocklist = Blocklist.load(
+                blocklist_file(settings), levels=m.levels, branching=m.branching
+            )
+            resolver = MemoryResolver(
+                bank_id=m.bank_id,
+                router=router,
+                store=store,
+                memory_levels=m.memory_levels(),
+                branching=m.branching,
+                generic=generic,
+                blocklist=blocklist,
+                fallback=settings.fallback,
+                deadline_s=settings.memory_deadline_s,
+            )
+            resolver.evict_blocked()
+            engine = Engine(
+                model,
+                eos_ids=sorted(tokenizer.eos_ids),
+                max_batch=settings.max_batch,
+                max_queue=settings.max_queue,
+            )
+            engine.start()
+        except BaseException:
+            await store.aclose()
+            raise
+        runtime = cls(
+            settings=settings,
+            bank=bank,
+            model_name=settings.model_name or m.bank_id,
+            model=model,
+            tokenizer=tokenizer,
+            store=store,
+            store_metrics=metrics,
+            resolver=resolver,
+            blocklist=blocklist,
+            engine=engine,
+            embedded=embedded,
+            started_at=time.time(),
+        )
+        if settings.warmup:
+            await runtime.warmup()
+        return runtime
+
+    async def warmup(self) -> None:
+        """One short generation with memory: loads kernels and the first blocks."""
+        prompt = self.tokenizer.encode("Hello")
+        blocks = list(self.resolver.generic.values())
+        (gen,) = self.engine.submit([(prompt, SamplingParams(max_tokens=2), blocks)])
+        async for _ in gen.stream():
+            pass
+
+    async def close(self) -> None:
+        await self.engine.close()
+        await self.store.aclose()
+
+
+def describe(path: Path) -> str:
+    """A bank's location for logs: the demo bank by name, others by directory name only."""
+    return "the demo bank" if path.name == "demo_bank" else path.name

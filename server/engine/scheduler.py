@@ -1,0 +1,357 @@
+"""Continuous batching on one model thread, each sequence with its own memory.
+
+Requests wait in a bounded queue; the model thread admits them into free batch slots as soon as
+there are any (prefill, first token), and every step decodes one token for every live sequence
+in one forward pass, however different their memories (a heterogeneous batch: `MemoryBatch`).
+The KV cache has one row per slot; sequence i lives in row i. When a sequence ends (EOS,
+`max_tokens`, the context, or its client cancelled) the last row is moved into its slot, so the
+live rows stay contiguous and each step runs on a view of the first n rows.
+
+The event loop and the model thread meet in two places only: `submit` appends to the queue under
+a condition variable, and the model thread hands each event to the sequence's asyncio queue with
+`call_soon_threadsafe`. Token ids, not text: detokenising and stop strings are the caller's job
+(`server.engine.text`); a caller that has seen a stop string cancels, which frees the slot at the
+next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from server.engine.sampling import Sampler, SamplingParams, make_generator, prompt_logprobs
+from server.model.anchor import Anchor, KVCache
+from server.model.memory import MemoryBlock
+from server.model.memory_batch import MemoryBatch, build_memory_batch
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+class EngineOverloadedError(RuntimeError):
+    """The queue is full: the caller should answer 429 and retry after `retry_after_s`."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__("the server is at capacity; retry later")
+        self.retry_after_s = retry_after_s
+
+
+class EngineClosedError(RuntimeError):
+    """The engine is shutting down and takes no more work."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class PromptEvent:
+    """Per prompt token: its logprob given its prefix (None for the first) and alternatives."""
+
+    logprobs: list[tuple[float | None, list[tuple[int, float]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class EndEvent:
+    reason: FinishReason
+    error: str | None = None
+
+
+Event = TokenEvent | PromptEvent | EndEvent
+
+
+@dataclass(eq=False)
+class Generation:
+    """One sequence: its prompt, sampling, memory, and the events the model thread sends it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    memory: list[MemoryBlock]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    # Model-thread state.
+    generated: int = 0
+    position: int = 0  # tokens written in the KV cache
+    last: int = 0
+    generator: torch.Generator | None = None
+    ended: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (a client left, or a stop string was seen); idempotent."""
+        self.cancelled = True
+
+    def _send(self, event: Event) -> None:
+        # A closed event loop raises RuntimeError: nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+    async def stream(self) -> AsyncIterator[Event]:
+        """The events up to and including the `EndEvent`; leaving early cancels the sequence."""
+        try:
+            while True:
+                event = await self.events.get()
+                yield event
+                if isinstance(event, EndEvent):
+                    return
+        finally:
+            self.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    active: int
+    waiting: int
+    max_batch: int
+    max_queue: int
+    steps: int
+    tokens: int
+    cancelled: int  # sequences ended because their caller cancelled (a client left, a stop)
+
+
+class Engine:
+    """The model thread and its bounded queue."""
+
+    def __init__(
+        self,
+        model: Anchor,
+        *,
+        eos_ids: Sequence[int] = (),
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_len: int | None = None,
+    ) -> None:
+        param = next(model.parameters())
+        self.model = model.eval()
+        self.device, self.dtype = param.device, param.dtype
+        self.eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=self.device)
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_len = max_len or model.config.max_seq_len
+        self.cache = KVCache(
+            model.config,
+            batch_size=max_batch,
+            max_len=self.max_len,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.sampler = Sampler()
+        self._pending: deque[Generation] = deque()
+        self._active: list[Generation] = []
+        self._memory: MemoryBatch | None = None
+        self._memory_dirty = True
+        self._cv = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._steps = 0
+        self._tokens = 0
+        self._cancelled = 0
+        self._step_s = 0.05  # EWMA of one decode step: the basis of Retry-After
+
+    # -- the event-loop side --------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hmem-model", daemon=True)
+            self._thread.start()
+
+    def submit(
+        self,
+        requests: Sequence[tuple[list[int], SamplingParams, list[MemoryBlock]]],
+    ) -> list[Generation]:
+        """Queue sequences, all or none; raises `EngineOverloadedError` when they do not fit."""
+        loop = asyncio.get_running_loop()
+        for prompt, params, _ in requests:
+            if not prompt:
+                raise ValueError("a prompt needs at least one token")
+            if len(prompt) + params.max_tokens > self.max_len:
+                raise ValueError(
+                    f"{len(prompt)} prompt tokens plus max_tokens {params.max_tokens} exceed "
+                    f"the context length {self.max_len}"
+                )
+        gens = [Generation(list(p), params, list(m), loop) for p, params, m in requests]
+        with self._cv:
+            if self._closing:
+                raise EngineClosedError("the engine is shutting down")
+            queued = len(self._pending) + len(self._active)
+            if queued + len(gens) > self.max_batch + self.max_queue:
+                raise EngineOverloadedError(self.retry_after_s())
+            self._pending.extend(gens)
+            self._cv.notify()
+        return gens
+
+    def retry_after_s(self) -> float:
+        """A guess at when a slot frees: a typical request's decode steps."""
+        return max(1.0, min(60.0, self._step_s * 64))
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(
+                active=len(self._active),
+                waiting=len(self._pending),
+                max_batch=self.max_batch,
+                max_queue=self.max_queue,
+                steps=self._steps,
+                tokens=self._tokens,
+                cancelled=self._cancelled,
+            )
+
+    async def close(self) -> None:
+        """Finish nothing more: end every sequence as cancelled and stop the thread."""
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # -- the model thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._closing and not self._pending and not self._active:
+                        self._cv.wait()
+                    if self._closing:
+                        break
+                    room = self.max_batch - len(self._active)
+                    admitted = [
+                        self._pending.popleft() for _ in range(min(room, len(self._pending)))
+                    ]
+                admitted = [g for g in admitted if not self._end_if_cancelled(g)]
+                try:
+                    if admitted:
+                        self._prefill(admitted)
+                    self._retire()
+                    if self._active:
+                        self._decode()
+                    self._retire()
+                except Exception as exc:  # a bug or an OOM: fail the live sequences, keep serving
+                    log.exception("model step failed")
+                    for g in [*self._active, *admitted]:
+                        self._end(g, "error", f"generation failed: {type(exc).__name__}")
+                    with self._cv:
+                        self._active = []
+                    self._memory_dirty = True
+        with self._cv:
+            leftover = [*self._active, *self._pending]
+            self._active, self._pending = [], deque()
+        for g in leftover:
+            self._end(g, "cancelled")
+
+    def _end(self, g: Generation, reason: FinishReason, error: str | None = None) -> None:
+        if not g.ended:
+            g.ended = True
+            if reason == "cancelled":
+                self._cancelled += 1
+            g._send(EndEvent(reason, error))
+
+    def _end_if_cancelled(self, g: Generation) -> bool:
+        if g.cancelled:
+            self._end(g, "cancelled")
+        return g.cancelled
+
+    def _batch_memory(self) -> MemoryBatch | None:
+        if self._memory_dirty:
+            self._memory = build_memory_batch(
+                [g.memory for g in self._active], dtype=self.dtype, device=self.device
+            )
+            self._memory_dirty = False
+        return self._memory
+
+    def _prefill(self, new: list[Generation]) -> None:
+        start = len(self._active)
+        T = max(len(g.prompt) for g in new)
+        tokens = torch.zeros(len(new), T, dtype=torch.long)
+        for i, g in enumerate(new):
+            tokens[i, : len(g.prompt)] = torch.tensor(g.prompt)
+            g.generator = make_generator(g.params.seed, self.device)
+        tokens = tokens.to(self.device)
+        positions = torch.arange(T, device=self.device).expand(len(new), T)
+        memory = build_memory_batch([g.memory for g in new], dtype=self.dtype, device=self.device)
+        cache = self.cache.rows(start, start + len(new))
+        logits = self.model(tokens, positions=positions, cache=cache, memory=memory)  # [k, T, V]
+        lengths = torch.tensor([len(g.prompt) for g in new], device=self.device)
+        last = logits[torch.arange(len(new), device=self.device), lengths - 1]  # [k, V]
+        for i, g in enumerate(new):
+            g.position = len(g.prompt)
+            if g.params.echo and g.params.logprobs is not None:
+                lp = prompt_logprobs(logits[i, : len(g.prompt)], g.prompt, g.params.logprobs)
+                g._send(PromptEvent(lp))
+        with self._cv:
+            self._active.extend(new)
+        self._memory_dirty = True
+        self._emit(new, last)
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        live = self._active
+        n = len(live)
+        tokens = torch.tensor([[g.last] for g in live], device=self.device)  # [n, 1]
+        positions = torch.tensor([[g.position] for g in live], device=self.device)  # [n, 1]
+        memory = self._batch_memory()
+        logits = self.model(
+            tokens, positions=positions, cache=self.cache.rows(0, n), memory=memory
+        )  # [n, 1, V]
+        for g in live:
+            g.position += 1
+        self._emit(live, logits[:, 0])
+        self._steps += 1
+        self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+
+    def _emit(self, gens: list[Generation], logits: Tensor) -> None:
+        """Sample each sequence's next token from logits [n, V] and send it."""
+        result = self.sampler(logits, [g.params for g in gens], [g.generator for g in gens])
+        ids = result.ids.tolist()
+        lps = result.logprobs.tolist()
+        eos = torch.isin(result.ids, self.eos).tolist() if self.eos.numel() else [False] * len(ids)
+        for i, g in enumerate(gens):
+            if g.ended or g.cancelled:
+                continue
+            if eos[i] and not g.params.ignore_eos:
+                self._end(g, "stop")
+                continue
+            g.last = ids[i]
+            g.generated += 1
+            self._tokens += 1
+            g._send(TokenEvent(ids[i], lps[i], result.top[i]))
+            if g.generated >= g.params.max_tokens or g.position >= self.max_len:
+                self._end(g, "length")
+
+    def _retire(self) -> None:
+        """Drop ended and cancelled sequences, moving the last rows into their slots."""
+        live = self._active
+        i = 0
+        changed = False
+        while i < len(live):
+            g = live[i]
+            if g.cancelled and not g.ended:
+                self._end(g, "cancelled")
+            if not g.ended:
+                i += 1
+                continue
+            last = len(live) - 1
+            if i != last:
+                self.cache.move_row(last, i, live[last].position)
+                live[i] = live[last]
+            with self._cv:
+                live.pop()
+            changed = True
+        if changed:
+            self._memory_dirty = True

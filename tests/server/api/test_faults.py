@@ -1,0 +1,107 @@
+"""Faults over real HTTP: the cloud tier stopped during a burst, overload, a client that leaves.
+
+A tier outage degrades a level to the generic memory and every request is still answered 200;
+a full queue answers 429 with Retry-After; a client that disconnects mid-stream frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import httpx
+
+from server.settings import Settings
+from tests.conftest import S3Server
+
+
+async def _ready(client: httpx.AsyncClient) -> dict[str, Any]:
+    data: dict[str, Any] = (await client.get("/ready")).json()
+    return data
+
+
+async def _wait_active(client: httpx.AsyncClient, n: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await _ready(client))["engine"]["active"] != n:
+        assert time.monotonic() < deadline, f"engine never reached {n} active sequences"
+        await asyncio.sleep(0.02)
+
+
+async def test_the_cloud_tier_stopped_mid_burst_degrades_level_3_only(
+    three_tier_settings: Settings, s3_server: S3Server, live_server: Any
+) -> None:
+    server = live_server(three_tier_settings)
+    paths = [[a, b, c] for a in range(2) for b in range(2) for c in range(4)]  # 16 distinct
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+
+        async def one(path: list[int]) -> httpx.Response:
+            return await client.post(
+                "/v1/completions",
+                json={"prompt": "hello", "max_tokens": 2, "memory": {"path": path}},
+            )
+
+        s3_server.stop()
+        try:
+            responses = await asyncio.gather(*(one(p) for p in paths))
+        finally:
+            s3_server.start()
+        assert [r.status_code for r in responses] == [200] * len(paths)
+        for r in responses:
+            memory = r.json()["memory"]
+            assert [b["level"] for b in memory["blocks"]] == [1, 2, 3]
+            by_level = {b["level"]: b for b in memory["blocks"]}
+            assert by_level[1]["tier"] in ("flash", "ram")
+            assert by_level[2]["tier"] in ("disk", "ram")
+            assert by_level[3]["tier"] is None  # level 3 never came
+            (degraded,) = memory["degraded"]
+            assert degraded["level"] == 3
+            assert degraded["reason"] in ("late", "unavailable")
+            assert degraded["fallback"] == "generic"
+        metrics = (await client.get("/metrics")).text
+        assert 'hmem_memory_degraded_total{level="3"' in metrics
+
+
+async def test_a_full_queue_answers_429_with_retry_after(
+    demo_settings: Settings, live_server: Any
+) -> None:
+    settings = demo_settings.model_copy(update={"max_batch": 1, "max_queue": 0})
+    server = live_server(settings)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        body = {"prompt": "The capital of", "max_tokens": 400, "stream": True, "ignore_eos": True}
+        async with client.stream("POST", "/v1/completions", json=body) as held:
+            assert held.status_code == 200
+            await _wait_active(client, 1)
+            r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+            assert r.status_code == 429
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        await _wait_active(client, 0)
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+        assert r.status_code == 200
+
+
+async def test_a_client_leaving_mid_stream_frees_its_slot(
+    demo_settings: Settings, live_server: Any
+) -> None:
+    settings = demo_settings.model_copy(update={"max_batch": 1, "max_queue": 0})
+    server = live_server(settings)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        # ignore_eos: the sequence can only end by the disconnect (or after 480 tokens).
+        body = {"prompt": "The capital of", "max_tokens": 480, "stream": True, "ignore_eos": True}
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            chunks = 0
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    json.loads(line.removeprefix("data: "))
+                    chunks += 1
+                if chunks >= 3:
+                    break  # leave the stream: the response is closed
+        await _wait_active(client, 0)
+        # Ended by the disconnect, not by running out its 480 tokens.
+        assert (await _ready(client))["engine"]["cancelled"] == 1
+        metrics = (await client.get("/metrics")).text
+        assert "hmem_engine_cancelled_sequences_total 1.0" in metrics
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200

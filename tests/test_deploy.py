@@ -1,0 +1,544 @@
+"""The deployment files, Dockerfile and docker-compose.yml, checked against the code.
+
+CI has no Docker engine, so neither file can be built or run here. Instead both are parsed and
+every fact they state about the code is checked against the code itself: the settings they set,
+the port, the health routes, the commands they run, the torch pin. A change on either side then
+breaks a test here instead of an image in production.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import ipaddress
+import json
+import os
+import re
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from server.cli import build_parser
+from server.settings import Settings, load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+IMAGE = "image"  # the Dockerfile's own container (`docker run`), beside the compose services
+COMPOSE_SERVICES_OF_IMAGE = ("bank-init", "hmem")
+SERVED_BY_IMAGE = (IMAGE, *COMPOSE_SERVICES_OF_IMAGE)
+URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"\])]+", re.IGNORECASE)
+
+
+# --- Dockerfile ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: FROM, RUN, ENV, ...
+    args: str  # the rest of the instruction, continuation lines joined
+    line: int
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def last(self, keyword: str) -> Instruction | None:
+        """The one that takes effect: of CMD, ENTRYPOINT, HEALTHCHECK, USER the last wins."""
+        found = self.all(keyword)
+        return found[-1] if found else None
+
+
+def parse_instructions(text: str) -> list[Instruction]:
+    """Instructions with `\\` continuations joined; comments and blank lines dropped, also inside
+    a continuation, as Docker does."""
+    instructions: list[Instruction] = []
+    pending: list[str] = []
+    start = 0
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending.append(line[:-1].strip())
+            continue
+        keyword, _, args = " ".join([*pending, line]).partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip(), start))
+        pending = []
+    assert not pending, "the Dockerfile ends inside a line continuation"
+    return instructions
+
+
+@functools.cache
+def stages() -> list[Stage]:
+    result: list[Stage] = []
+    for instruction in parse_instructions((REPO / "Dockerfile").read_text()):
+        if instruction.keyword == "FROM":
+            words = [w for w in instruction.args.split() if not w.startswith("--")]
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else None
+            result.append(Stage(base=words[0], name=name))
+        elif result:
+            result[-1].instructions.append(instruction)
+    return result
+
+
+def runtime() -> Stage:
+    return stages()[-1]
+
+
+def is_exec_form(args: str) -> bool:
+    """CMD ["a", "b"] runs `a` itself; shell form runs `/bin/sh -c`, which keeps the signals."""
+    try:
+        return isinstance(json.loads(args), list)
+    except json.JSONDecodeError:
+        return False
+
+
+def command_argv(args: str) -> list[str]:
+    """The words of a CMD, ENTRYPOINT or HEALTHCHECK CMD, exec (JSON) or shell form."""
+    return [str(w) for w in json.loads(args)] if is_exec_form(args) else shlex.split(args)
+
+
+def image_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in runtime().all("ENV"):
+        words = shlex.split(instruction.args)
+        if "=" not in words[0]:  # the legacy form, `ENV KEY a value with spaces`
+            key, _, value = instruction.args.partition(" ")
+            env[key] = value.strip()
+            continue
+        for word in words:
+            key, _, value = word.partition("=")
+            env[key] = value
+    return env
+
+
+def image_argv(compose_command: list[str] | None = None) -> list[str]:
+    """What a container of the image runs: its ENTRYPOINT followed by CMD or compose's command."""
+    entrypoint = runtime().last("ENTRYPOINT")
+    cmd = runtime().last("CMD")
+    argv = command_argv(entrypoint.args) if entrypoint else []
+    if compose_command is not None:
+        return argv + compose_command
+    return argv + (command_argv(cmd.args) if cmd else [])
+
+
+def image_healthcheck() -> list[str]:
+    instruction = runtime().last("HEALTHCHECK")
+    assert instruction is not None, "the runtime stage has no HEALTHCHECK"
+    found = re.fullmatch(r"(?:--\S+\s+)*CMD\s+(.+)", instruction.args, re.DOTALL)
+    assert found, f"HEALTHCHECK without a command: {instruction.args!r}"
+    return command_argv(found[1])
+
+
+def copy_sources(stage: Stage) -> list[str]:
+    """What the stage's COPY instructions take from the build context (not from other stages)."""
+    sources: list[str] = []
+    for instruction in stage.all("COPY"):
+        words = command_argv(instruction.args)
+        if any(w.startswith("--from") for w in words):
+            continue
+        sources += [w.rstrip("/") for w in words if not w.startswith("--")][:-1]
+    return sources
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore leaves `path` out of the build context. Docker's rules: the last
+    matching pattern wins, `!` re-includes, and a pattern that matches a directory matches
+    everything in it."""
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
+    parts = path.strip("/").split("/")
+    ignored = False
+    for pattern in patterns:
+        glob = pattern.removeprefix("!").strip("/").split("/")
+        if any(_glob_match(glob, parts[:n]) for n in range(1, len(parts) + 1)):
+            ignored = not pattern.startswith("!")
+    return ignored
+
+
+def _glob_match(glob: list[str], parts: list[str]) -> bool:
+    if not glob:
+        return not parts
+    if glob[0] == "**":
+        return any(_glob_match(glob[1:], parts[i:]) for i in range(len(parts) + 1))
+    return (
+        bool(parts) and fnmatch.fnmatchcase(parts[0], glob[0]) and _glob_match(glob[1:], parts[1:])
+    )
+
+
+# --- docker-compose.yml -------------------------------------------------------------------------
+
+
+@functools.cache
+def compose() -> dict[str, Any]:
+    loaded = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def service(name: str) -> dict[str, Any]:
+    services: dict[str, dict[str, Any]] = compose()["services"]
+    assert name in services, f"docker-compose.yml has no service {name!r}"
+    return services[name]
+
+
+def compose_env(name: str) -> dict[str, str | None]:
+    """A service's environment; None for a name passed through from the host (no value)."""
+    env = service(name).get("environment") or {}
+    if isinstance(env, list):
+        pairs = [entry.partition("=") for entry in env]
+        return {key: (value if sep else None) for key, sep, value in pairs}
+    return {key: None if value is None else str(value) for key, value in env.items()}
+
+
+def container_env(name: str) -> dict[str, str | None]:
+    """The environment inside a container of the image: its ENV under compose's environment."""
+    return {**image_env(), **(compose_env(name) if name != IMAGE else {})}
+
+
+def interpolated(value: str) -> str | None:
+    """`value` as Compose reads it when the host sets nothing: `${VAR:-default}` is `default`;
+    None when it needs a host variable."""
+    unresolved = False
+
+    def substitute(found: re.Match[str]) -> str:
+        nonlocal unresolved
+        if found["op"] in ("-", ":-"):
+            return found["arg"]
+        unresolved = True
+        return ""
+
+    variable = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}|\$(?=\w)")
+    text = variable.sub(substitute, value.replace("$$", "\0"))
+    return None if unresolved else text.replace("\0", "$")
+
+
+def literal_env(name: str) -> dict[str, str]:
+    """The variables of `name`'s container whose values the files fix."""
+    env = {key: interpolated(v) for key, v in container_env(name).items() if v is not None}
+    return {key: value for key, value in env.items() if value is not None}
+
+
+def container_ports(name: str) -> set[int]:
+    ports: set[int] = set()
+    for port in service(name).get("ports", []):
+        target = port["target"] if isinstance(port, dict) else str(port).rsplit(":", 1)[-1]
+        ports.add(int(str(target).split("/")[0]))
+    return ports
+
+
+def mounts(name: str) -> dict[str, str]:
+    """Mount point -> volume (or host path) of a service."""
+    result: dict[str, str] = {}
+    for volume in service(name).get("volumes", []):
+        if isinstance(volume, dict):
+            result[volume["target"]] = volume["source"]
+        else:
+            source, target = str(volume).split(":")[:2]
+            result[target] = source
+    return result
+
+
+def compose_healthcheck(name: str) -> list[str]:
+    test = service(name).get("healthcheck", {}).get("test", [])
+    return [test] if isinstance(test, str) else [str(w) for w in test]
+
+
+def healthcheck_urls() -> list[str]:
+    commands = [image_healthcheck()] + [compose_healthcheck(s) for s in COMPOSE_SERVICES_OF_IMAGE]
+    return [url for argv in commands for url in URL.findall(" ".join(argv))]
+
+
+def option(argv: list[str], name: str) -> str | None:
+    for i, word in enumerate(argv):
+        if word == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith(f"{name}="):
+            return word.partition("=")[2]
+    return None
+
+
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+def test_hmem_variables_are_settings_fields() -> None:
+    sources = {"Dockerfile": image_env()} | {
+        f"compose {name}": compose_env(name) for name in compose()["services"]
+    }
+    checked = 0
+    for source, env in sources.items():
+        for variable in env:
+            if not variable.startswith("HMEM_"):
+                continue
+            field_name = variable.removeprefix("HMEM_").split("__")[0].lower()
+            assert field_name in Settings.model_fields, (
+                f"{source} sets {variable}, but Settings has no field {field_name!r}"
+            )
+            checked += 1
+    assert checked, "no HMEM_* variable found: the parsers are not reading the files"
+
+
+@pytest.mark.parametrize("name", SERVED_BY_IMAGE)
+def test_literal_hmem_values_are_valid_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in list(os.environ):
+        if variable.startswith("HMEM_"):
+            monkeypatch.delenv(variable)
+    env = {k: v for k, v in literal_env(name).items() if k.startswith("HMEM_")}
+    for variable, value in env.items():
+        # An empty value is not "unset": HMEM_ADMIN_KEY= would be an admin key of "".
+        assert value, f"{variable} is empty in {name}; leave it out or pass it through instead"
+        monkeypatch.setenv(variable, value)
+
+    settings = load_settings()
+
+    # State goes where the image keeps a volume, not into the container's writable layer.
+    volume = runtime().last("VOLUME")
+    assert volume is not None
+    assert str(settings.data_dir) in json.loads(volume.args)
+
+
+# --- the port and the health routes -------------------------------------------------------------
+
+
+def test_container_port_agrees_everywhere() -> None:
+    argv = image_argv()
+    port = option(argv, "--port")
+    expose = [int(p.split("/")[0]) for i in runtime().all("EXPOSE") for p in i.args.split()]
+    ports: dict[str, int | None] = {
+        "Settings.port default": Settings.model_fields["port"].default,
+        "CMD --port": int(port) if port else None,
+        **{f"EXPOSE {p}": p for p in expose},
+        **{f"compose hmem publishes {p}": p for p in container_ports("hmem")},
+        **{f"healthcheck {url}": urlsplit(url).port for url in healthcheck_urls()},
+    }
+    assert len(ports) >= 5, ports
+    assert set(ports.values()) == {8000}, ports
+    # Settings' default host is loopback, unreachable through a published port.
+    assert ipaddress.ip_address(option(argv, "--host") or "127.0.0.1").is_unspecified
+
+
+def test_healthchecks_call_loopback_with_python() -> None:
+    urls = healthcheck_urls()
+    assert {urlsplit(url).path for url in urls} == {"/health", "/ready"}
+    assert all(urlsplit(url).hostname == "127.0.0.1" for url in urls)
+    # python:*-slim has neither curl nor wget; the image's own interpreter is on PATH.
+    for argv in [image_healthcheck(), compose_healthcheck("hmem")]:
+        assert re.search(r"\bpython3?\b", " ".join(argv)), argv
+        assert not {"curl", "wget"} & set(" ".join(argv).split()), argv
+
+
+def test_healthcheck_paths_are_app_routes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.api.app import create_app
+
+    for variable in list(os.environ):
+        if variable.startswith("HMEM_"):
+            monkeypatch.delenv(variable)
+    app = create_app(load_settings(data_dir=tmp_path))
+    routes = {getattr(route, "path", None) for route in app.routes}
+    for url in healthcheck_urls():
+        assert urlsplit(url).path in routes, f"{url} is not a route of the app"
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def test_commands_parse() -> None:
+    script = next(iter(pyproject()["project"]["scripts"]))
+    commands = {
+        "Dockerfile CMD": image_argv(),
+        "compose bank-init": image_argv(service("bank-init")["command"]),
+    }
+    parsed = {}
+    for source, argv in commands.items():
+        assert argv[0] == script, f"{source} runs {argv[0]!r}, not the {script!r} script"
+        try:
+            parsed[source] = build_parser().parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{source}: `{shlex.join(argv)}` is not a valid command")
+
+    assert parsed["Dockerfile CMD"].command == "serve"
+    push = parsed["compose bank-init"]
+    assert (push.command, push.bank_command) == ("bank", "push")
+    # The placement must come from the same HMEM_* environment as the server's, not from flags.
+    assert push.tier == []
+    assert push.config is None
+    assert push.create_bucket, "a fresh MinIO has no bucket"
+
+
+# --- the image ----------------------------------------------------------------------------------
+
+
+def test_torch_is_pinned_and_installed_before_the_package() -> None:
+    pins = [d for d in pyproject()["project"]["dependencies"] if re.match(r"torch\b", d)]
+    assert len(pins) == 1, pins
+    assert pins[0].startswith("torch=="), f"pyproject.toml does not pin torch: {pins[0]}"
+    pin = pins[0]
+    for stage in stages():
+        for run in stage.all("RUN"):
+            assert re.findall(r"torch\S*", run.args) in ([], [pin]), run.args
+
+    package = re.compile(r"pip install(\s+-\S+)*\s+\.(\s|$)")
+    builders = [s for s in stages() if any(package.search(run.args) for run in s.all("RUN"))]
+    assert len(builders) == 1, "the package is not installed with `pip install .` in one stage"
+    runs = builders[0].all("RUN")
+    torch_installs = [i for i, run in enumerate(runs) if pin in run.args]
+    package_installs = [i for i, run in enumerate(runs) if package.search(run.args)]
+    assert torch_installs, "torch is not installed in the stage that installs the package"
+    # Its own layer, first: cached while the code changes, and resolved before anything else.
+    assert max(torch_installs) < min(package_installs)
+
+
+def test_builder_copies_what_pip_install_needs() -> None:
+    project = pyproject()
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    needed = {"pyproject.toml", project["project"]["readme"], *packages}
+    copied = {source for stage in stages() for source in copy_sources(stage)}
+    assert needed <= copied, f"not copied into the build: {needed - copied}"
+    for source in needed:
+        path = REPO / source
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        for file in files:
+            relative = file.relative_to(REPO).as_posix()
+            if "__pycache__" not in relative:
+                assert not dockerignored(relative), f".dockerignore leaves out {relative}"
+    for secret_or_bulk in [".env", ".venv/bin/python", ".git/HEAD", "bench/out/x.png"]:
+        assert dockerignored(secret_or_bulk), f"{secret_or_bulk} would be sent to the daemon"
+
+
+def test_multi_stage_build_copies_the_venv() -> None:
+    assert len(stages()) >= 2
+    # A virtualenv links to its interpreter: builder and runtime need the same base image.
+    assert len({stage.base for stage in stages()}) == 1, [s.base for s in stages()]
+    assert stages()[0].base.startswith("python:3.11-slim")
+    builder_names = {s.name for s in stages()[:-1]}
+    copies = [command_argv(c.args) for c in runtime().all("COPY")]
+    assert any(
+        argv[-2:] == ["/opt/venv", "/opt/venv"]
+        and any(w.removeprefix("--from=") in builder_names for w in argv)
+        for argv in copies
+    ), copies
+    assert image_env()["PATH"].startswith("/opt/venv/bin:")
+
+
+def test_runtime_runs_as_a_non_root_user() -> None:
+    stage = runtime()
+    user = stage.last("USER")
+    cmd = stage.last("CMD")
+    assert user is not None
+    assert cmd is not None
+    assert user.args.split(":")[0] not in {"root", "0"}, user.args
+    assert user.line < cmd.line
+    # The user owns the data directory, before VOLUME (changes after VOLUME are discarded).
+    volume = stage.last("VOLUME")
+    data_dir = image_env()["HMEM_DATA_DIR"]
+    assert volume is not None
+    assert json.loads(volume.args) == [data_dir]
+    chowns = [r for r in stage.all("RUN") if re.search(rf"chown\s+\S+\s+{data_dir}\b", r.args)]
+    assert chowns
+    assert chowns[0].line < volume.line
+    # Exec form: the server is PID 1 and gets `docker stop`'s SIGTERM, not a shell.
+    assert is_exec_form(cmd.args)
+
+
+def test_allocator_thresholds_are_set() -> None:
+    env = image_env()
+    for variable in ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"]:
+        assert int(env[variable]) >= 2**30, f"{variable} keeps safetensors loading slow"
+    assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_no_registry_or_index_hosts() -> None:
+    allowed_hosts = {"127.0.0.1", *compose()["services"]}
+    for file in ["Dockerfile", "docker-compose.yml", ".dockerignore"]:
+        text = (REPO / file).read_text()
+        for url in URL.findall(text):
+            assert urlsplit(url).hostname in allowed_hosts, f"{file} names a host: {url}"
+        assert not re.search(r"--(extra-)?index-url|--trusted-host", text), file
+    images = [s.base for s in stages()] + [
+        spec["image"] for spec in compose()["services"].values() if "image" in spec
+    ]
+    for image in images:
+        first = image.split("/")[0] if "/" in image else ""
+        assert not re.search(r"[.:]|^localhost$", first), f"{image} names a registry"
+
+
+# --- compose ------------------------------------------------------------------------------------
+
+
+def test_compose_services_and_startup_order() -> None:
+    assert "version" not in compose(), "the Compose spec has no top-level version"
+    hmem, bank_init = service("hmem"), service("bank-init")
+    assert service("minio")["image"].startswith("minio/minio:RELEASE.")
+    assert hmem["depends_on"]["bank-init"]["condition"] == "service_completed_successfully"
+    assert hmem["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert bank_init["depends_on"]["minio"]["condition"] == "service_healthy"
+    # A one-shot job: restarted, it would never complete and hmem would never start.
+    assert bank_init["restart"] == "no"
+    assert hmem["restart"] == "unless-stopped"
+    for name, spec in compose()["services"].items():
+        for target, dependency in spec.get("depends_on", {}).items():
+            if dependency["condition"] == "service_healthy":
+                has_own = "healthcheck" in service(target)
+                assert has_own or "build" in service(target), f"{name} waits on {target}"
+
+
+def test_cloud_endpoint_is_the_minio_api() -> None:
+    minio_command = service("minio")["command"]
+    console_port = int((option(minio_command, "--console-address") or ":0").rsplit(":")[-1])
+    for name in COMPOSE_SERVICES_OF_IMAGE:
+        endpoint = compose_env(name).get("HMEM_CLOUD_ENDPOINT")
+        assert endpoint, f"{name} has no HMEM_CLOUD_ENDPOINT"
+        url = urlsplit(endpoint)
+        host = url.hostname or ""
+        assert host in compose()["services"], f"{endpoint} is not a compose service"
+        assert url.port in container_ports(host), f"{host} has no port {url.port}"
+        assert url.port != console_port, "the endpoint is MinIO's web console"
+
+
+def test_bank_init_and_server_share_state() -> None:
+    assert service("bank-init")["build"] == service("hmem")["build"]
+    assert service("bank-init")["image"] == service("hmem")["image"]
+    data_dir = container_env("hmem")["HMEM_DATA_DIR"]
+    assert data_dir == container_env("bank-init")["HMEM_DATA_DIR"]
+    volume = mounts("hmem").get(str(data_dir))
+    assert volume in compose()["volumes"], "state must live on a named volume"
+    assert mounts("bank-init").get(str(data_dir)) == volume
+    # Equal settings give an equal placement: the server reads blocks where the job put them.
+    pushed = {k: v for k, v in compose_env("bank-init").items() if k.startswith(("HMEM_", "AWS_"))}
+    served = compose_env("hmem")
+    assert "HMEM_CLOUD_BUCKET" in pushed
+    assert {k: served.get(k) for k in pushed} == pushed
+
+
+def test_s3_credentials_are_minio_root_user() -> None:
+    minio = compose_env("minio")
+    for name in COMPOSE_SERVICES_OF_IMAGE:
+        env = compose_env(name)
+        assert env["AWS_ACCESS_KEY_ID"] == minio["MINIO_ROOT_USER"]
+        assert env["AWS_SECRET_ACCESS_KEY"] == minio["MINIO_ROOT_PASSWORD"]
+        assert env.get("AWS_DEFAULT_REGION")
+    # MinIO refuses to start with a shorter user (3) or password (8).
+    user = interpolated(minio["MINIO_ROOT_USER"] or "")
+    password = interpolated(minio["MINIO_ROOT_PASSWORD"] or "")
+    assert len(user or "") >= 3
+    assert len(password or "") >= 8
