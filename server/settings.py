@@ -75,6 +75,9 @@ class Settings(BaseSettings):
         None, gt=0, description="wait for a path's blocks; None: the store's deadline"
     )
     warmup: bool = True
+    torch_threads: int | None = Field(
+        None, ge=1, le=256, description="the model thread's torch threads; None: torch's default"
+    )
 
     # Access.
     api_keys: dict[Annotated[str, Field(min_length=8)], KeyPolicy] = Field(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -123,6 +124,7 @@ class MemoryResolver:
         blocklist: Blocklist,
         fallback: Fallback = "generic",
         deadline_s: float | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.bank_id = bank_id
         self.router = router
@@ -134,6 +136,7 @@ class MemoryResolver:
         self.blocklist = blocklist
         self.fallback: Fallback = fallback
         self.deadline_s = deadline_s
+        self.executor = executor  # where routing runs; None: the event loop's default pool
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -150,7 +153,8 @@ class MemoryResolver:
 
     async def route(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...], list[float]]:
         """(path, node ids, distances) of a text; the embedder runs off the event loop."""
-        result = await asyncio.to_thread(self.router.route_texts, [text])
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self.router.route_texts, [text])
         nodes = tuple(int(n) for n in result.node_ids[0].tolist())
         return result.path(0), nodes, [float(d) for d in result.distances[0].tolist()]
 

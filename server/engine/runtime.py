@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from server.engine.blocklist import Blocklist
 from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine
+from server.engine.threads import cpu_executor
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
 from server.model.errors import ModelError
@@ -51,6 +54,7 @@ class Runtime:
     engine: Engine
     embedded: bool
     started_at: float
+    executor: ThreadPoolExecutor  # torch work off the event loop, single-threaded (threads.py)
 
     @property
     def context_length(self) -> int:
@@ -61,7 +65,9 @@ class Runtime:
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ModelError("device is cuda but CUDA is not available on this machine")
         root = bank_dir(settings)
-        bank = await asyncio.to_thread(Bank.open, root, check_files=False)
+        loop = asyncio.get_running_loop()
+        executor = cpu_executor()
+        bank = await loop.run_in_executor(executor, partial(Bank.open, root, check_files=False))
         m = bank.manifest
         config, embedded = store_config(settings, m)
         metrics = StoreMetrics()
@@ -74,13 +80,13 @@ class Runtime:
                 report = await push_bank(bank, store.tiers, config.placement, progress=False)
                 if report.written:
                     log.info("copied %d blocks of %s to the default tiers", report.written, root)
-            router = await asyncio.to_thread(
+            router = await loop.run_in_executor(executor, partial(
                 Router.load, bank.path / ROUTER_NAME, m.embedder, branching=m.branching,
                 levels=m.levels,
-            )  # fmt: skip
+            ))  # fmt: skip
             dtype = torch_dtype(settings.dtype)
-            model = await asyncio.to_thread(
-                load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device
+            model = await loop.run_in_executor(
+                executor, partial(load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device)
             )
             tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
             generic = {
@@ -101,6 +107,7 @@ class Runtime:
                 blocklist=blocklist,
                 fallback=settings.fallback,
                 deadline_s=settings.memory_deadline_s,
+                executor=executor,
             )
             resolver.evict_blocked()
             engine = Engine(
@@ -108,10 +115,12 @@ class Runtime:
                 eos_ids=sorted(tokenizer.eos_ids),
                 max_batch=settings.max_batch,
                 max_queue=settings.max_queue,
+                torch_threads=settings.torch_threads,
             )
             engine.start()
         except BaseException:
             await store.aclose()
+            executor.shutdown(wait=False)
             raise
         runtime = cls(
             settings=settings,
@@ -126,6 +135,7 @@ class Runtime:
             engine=engine,
             embedded=embedded,
             started_at=time.time(),
+            executor=executor,
         )
         if settings.warmup:
             await runtime.warmup()
@@ -142,6 +152,7 @@ class Runtime:
     async def close(self) -> None:
         await self.engine.close()
         await self.store.aclose()
+        self.executor.shutdown(wait=False)
 
 
 def describe(path: Path) -> str:

@@ -135,6 +135,7 @@ class Engine:
         max_batch: int = 16,
         max_queue: int = 64,
         max_len: int | None = None,
+        torch_threads: int | None = None,
     ) -> None:
         param = next(model.parameters())
         self.model = model.eval()
@@ -143,6 +144,7 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_len = max_len or model.config.max_seq_len
+        self.torch_threads = torch_threads  # the model thread's intra-op threads; None: torch's
         self.cache = KVCache(
             model.config,
             batch_size=max_batch,
@@ -188,7 +190,8 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
-            queued = len(self._pending) + len(self._active)
+            # Sequences that have ended but are not retired yet hold no slot for long.
+            queued = len(self._pending) + sum(not g.ended for g in self._active)
             if queued + len(gens) > self.max_batch + self.max_queue:
                 raise EngineOverloadedError(self.retry_after_s())
             self._pending.extend(gens)
@@ -223,6 +226,8 @@ class Engine:
     # -- the model thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)  # per thread under OpenMP (threads.py)
         with torch.inference_mode():
             while True:
                 with self._cv:

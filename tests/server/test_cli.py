@@ -70,8 +70,36 @@ def test_every_command_group_is_registered(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("build", "bank", "tiers"):
+    for command in ("build", "bank", "tiers", "serve"):
         assert command in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["serve", "--bank", "nope"], {}, "bank is missing its directory"),
+        (["serve"], {"HMEM_API_KEYS": "{not json"}, "invalid settings"),
+        (["serve"], {"HMEM_ADMIN_KEY": "short"}, "admin_key"),
+        (["serve"], {"HMEM_MAX_BATCH": "0"}, "max_batch"),
+        (["serve", "--config", "missing.toml"], {}, "does not exist"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line_before_listening(
+    argv: list[str],
+    env: dict[str, str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hmem: error: ")
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_synth_build_eval_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

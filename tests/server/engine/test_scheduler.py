@@ -372,6 +372,18 @@ async def test_overload_is_refused_all_or_nothing(engines: Callable[..., Engine]
     assert (await collect(second)).reason == "cancelled"
 
 
+async def test_ended_sequences_do_not_count_against_the_queue(
+    engines: Callable[..., Engine],
+) -> None:
+    """A batch that has just finished is idle: the next full batch is admitted, not refused."""
+    engine = engines(max_batch=4, max_queue=0)
+    requests: list[Request] = [(prompt(4, 70 + i), greedy(2), []) for i in range(4)]
+    for _ in range(5):
+        gens = engine.submit(requests)  # raised EngineOverloadedError before ended rows counted
+        runs = [await collect(g) for g in gens]
+        assert [r.reason for r in runs] == ["length"] * 4
+
+
 async def test_bad_prompts_are_refused_and_nothing_is_queued(
     engines: Callable[..., Engine],
 ) -> None:
