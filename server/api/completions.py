@@ -357,25 +357,43 @@ class Completions:
         arrived: float,
         label: str,
     ) -> AsyncIterator[str]:
-        queue: asyncio.Queue[tuple[_Choice, str, int | None, bool]] = asyncio.Queue()
         tok = self.rt.tokenizer
+        Update = tuple[_Choice, str, int | None, bool]  # choice, text, token index, finished
 
-        async def pump(c: _Choice) -> None:
+        async def updates(c: _Choice) -> AsyncIterator[Update]:
             try:
                 async for ev in c.gen.stream():
                     if isinstance(ev, TokenEvent):
                         delta = self._on_token(c, ev, arrived, label)
-                        await queue.put((c, delta, len(c.tokens) - 1, False))
+                        yield (c, delta, len(c.tokens) - 1, False)
                         if c.stream.stopped:
                             break
                     elif isinstance(ev, EndEvent):
-                        await queue.put((c, self._on_end(c, ev), None, False))
+                        yield (c, self._on_end(c, ev), None, False)
                 if c.stream.stopped:
-                    await queue.put((c, c.stream.finish(), None, False))
+                    yield (c, c.stream.finish(), None, False)
             finally:
-                await queue.put((c, "", None, True))
+                c.gen.cancel()
+            yield (c, "", None, True)
 
-        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        queue: asyncio.Queue[Update] = asyncio.Queue()
+
+        async def pump(c: _Choice) -> None:
+            async for update in updates(c):
+                await queue.put(update)
+
+        async def merged() -> AsyncIterator[Update]:
+            if len(choices) == 1:  # one stream (the common case): no task, no second queue
+                async for update in updates(choices[0]):
+                    yield update
+                return
+            done = 0
+            while done < len(choices):
+                update = await queue.get()
+                done += update[3]
+                yield update
+
+        tasks = [] if len(choices) == 1 else [asyncio.create_task(pump(c)) for c in choices]
         first = True
         try:
             if req.echo:
@@ -385,11 +403,8 @@ class Completions:
                         chunk["memory"] = memory_field
                         first = False
                     yield _event(chunk)
-            done = 0
-            while done < len(choices):
-                c, delta, token_i, finished = await queue.get()
+            async for c, delta, token_i, finished in merged():
                 if finished:
-                    done += 1
                     if c.finish_reason == "error":
                         yield _event(
                             {"error": {"message": "generation failed", "type": "server_error",

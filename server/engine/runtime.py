@@ -27,7 +27,7 @@ from server.engine.blocklist import Blocklist
 from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import Engine
-from server.engine.threads import cpu_executor
+from server.engine.threads import cpu_executor, single_threaded_torch
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
 from server.model.errors import ModelError
@@ -65,6 +65,7 @@ class Runtime:
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ModelError("device is cuda but CUDA is not available on this machine")
         root = bank_dir(settings)
+        single_threaded_torch()  # this is the event loop's thread: it may route inline
         loop = asyncio.get_running_loop()
         executor = cpu_executor()
         bank = await loop.run_in_executor(executor, partial(Bank.open, root, check_files=False))

@@ -301,7 +301,8 @@ class Engine:
                 g._send(PromptEvent(lp))
         with self._cv:
             self._active.extend(new)
-        self._memory_dirty = True
+        # An idle engine's prefill batch is the whole batch: its memory serves the next step.
+        self._memory, self._memory_dirty = memory, start != 0
         self._emit(new, last)
 
     def _decode(self) -> None:

@@ -5,7 +5,8 @@ With torch's OpenMP backend every thread that runs a parallel op gets its own te
 prompt) competes with the model thread's: on a 2-core machine one batched forward pass became
 5x slower after a worker thread had run a single parallel op (0.37 ms against 1.84 ms for the
 demo anchor's 29-token prefill; `docs/results.md`). `torch.set_num_threads` is per thread under
-OpenMP, so these workers run torch single-threaded and leave the cores to the model thread.
+OpenMP, so these workers, and the event loop's thread (which routes hashed TF-IDF prompts
+inline), run torch single-threaded and leave the cores to the model thread.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 
-def _single_threaded() -> None:
+def single_threaded_torch() -> None:
+    """Run this thread's torch ops on one thread (a per-thread setting under OpenMP)."""
     torch.set_num_threads(1)
 
 
 def cpu_executor(workers: int = 2) -> ThreadPoolExecutor:
     """A pool for embedding, routing and loading: torch runs single-threaded in its threads."""
     return ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="hmem-cpu", initializer=_single_threaded
+        max_workers=workers, thread_name_prefix="hmem-cpu", initializer=single_threaded_torch
     )

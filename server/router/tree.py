@@ -88,6 +88,8 @@ class CentroidTree:
             )
         x = embeddings.to(torch.float32)
         N, b = x.shape[0], self.branching
+        if N == 1:
+            return self._route_one(x[0], depth)
         node_ids = torch.empty(N, depth, dtype=torch.long)
         child_index = torch.empty(N, depth, dtype=torch.long)
         distances = torch.empty(N, depth, dtype=torch.float32)
@@ -106,6 +108,24 @@ class CentroidTree:
                 node_ids[rows, level] = parent
                 child_index[rows, level] = choice
                 distances[rows, level] = d2.gather(1, choice[:, None]).squeeze(1).sqrt()
+        return RouteResult(node_ids=node_ids, child_index=child_index, distances=distances)
+
+    def _route_one(self, x: Tensor, depth: int) -> RouteResult:
+        """One input (a serving request): each level's children are a contiguous slice of its
+        centroids, so they are read in place instead of gathered; same arithmetic as `route`."""
+        b = self.branching
+        node_ids = torch.empty(1, depth, dtype=torch.long)
+        child_index = torch.empty(1, depth, dtype=torch.long)
+        distances = torch.empty(1, depth, dtype=torch.float32)
+        parent = 0
+        for level in range(depth):
+            cand = self.centroids[level][parent * b : (parent + 1) * b]  # (b, dim), a view
+            d2 = (cand - x).pow(2).sum(dim=1)  # (b,)
+            choice = int(torch.argmin(d2))  # first minimum: ties go to the lowest index
+            parent = parent * b + choice
+            node_ids[0, level] = parent
+            child_index[0, level] = choice
+            distances[0, level] = d2[choice].sqrt()
         return RouteResult(node_ids=node_ids, child_index=child_index, distances=distances)
 
     def to_tensors(self) -> dict[str, Tensor]:

@@ -209,3 +209,28 @@ def test_ignore_eos_generates_max_tokens(client: TestClient) -> None:
     assert forced["choices"][0]["finish_reason"] == "length"
     assert forced["usage"]["completion_tokens"] == 200
     assert forced["choices"][0]["text"].startswith(natural["choices"][0]["text"])
+
+
+def test_streaming_several_choices_interleaves_them_all(client: TestClient) -> None:
+    body = {
+        "prompt": ["The atomic number of Iron is", "The capital of"],
+        "n": 2,
+        "max_tokens": 5,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert isinstance(chunks[0]["memory"], list)
+    texts = {i: "" for i in range(4)}
+    finish = {}
+    for chunk in chunks:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            finish[choice["index"]] = choice["finish_reason"]
+    assert finish == {i: "length" for i in range(4)}
+    plain = client.post("/v1/completions", json=body).json()
+    assert [texts[i] for i in range(4)] == [c["text"] for c in plain["choices"]]

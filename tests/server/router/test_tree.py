@@ -63,6 +63,10 @@ def test_route_matches_brute_force() -> None:
         assert result.child_index[i].tolist() == choices
         assert result.distances[i].tolist() == pytest.approx(dists, abs=1e-5)
         assert result.path(i) == tuple(choices)
+        one = tree.route(x[i : i + 1])  # the single-input path (a serving request)
+        assert one.node_ids[0].tolist() == nodes
+        assert one.child_index[0].tolist() == choices
+        assert one.distances[0].tolist() == pytest.approx(dists, abs=1e-5)
 
 
 def test_route_is_deterministic_and_row_independent() -> None:
