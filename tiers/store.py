@@ -222,6 +222,9 @@ class TieredStore(Generic[V]):
         if self.digests is not None and skey not in self.digests:
             self.metrics.fetches.labels(level, "not_found").inc()
             return Fetched(key, None, None, False, 0.0, BlockNotFoundError(skey, []))
+        hit = self._ram_hit(key, started)
+        if hit is not None:
+            return hit
         try:
             async with asyncio.timeout(deadline):
                 block, cached = await self.ram.get_or_load(
@@ -246,11 +249,35 @@ class TieredStore(Generic[V]):
         self.metrics.fetch_seconds.labels(level, source).observe(elapsed)
         return Fetched(key, block.value, source, cached, elapsed)
 
+    def _ram_hit(self, key: BlockKey, started: float) -> Fetched[V] | None:
+        """A RAM-cache hit, answered without a deadline scope or a task (the common case)."""
+        if self.digests is not None and str(key) not in self.digests:
+            return None
+        block = self.ram.get(str(key))
+        if block is None:
+            return None
+        elapsed = time.perf_counter() - started
+        level = str(key.level)
+        self.metrics.fetches.labels(level, "cached").inc()
+        self.metrics.fetch_seconds.labels(level, RAM).observe(elapsed)
+        return Fetched(key, block.value, RAM, True, elapsed)
+
     async def fetch_many(
         self, keys: Sequence[BlockKey], *, deadline_s: float | None = None
     ) -> list[Fetched[V]]:
         """Fetch blocks concurrently (all levels of a path at once); outcomes in key order."""
-        return list(await asyncio.gather(*(self.fetch(k, deadline_s=deadline_s) for k in keys)))
+        if self._closed:
+            raise TierUnavailableError(RAM, "store is closed")
+        started = time.perf_counter()
+        out: list[Fetched[V] | None] = [self._ram_hit(k, started) for k in keys]
+        missing = [i for i, f in enumerate(out) if f is None]
+        if missing:
+            loaded = await asyncio.gather(
+                *(self.fetch(keys[i], deadline_s=deadline_s) for i in missing)
+            )
+            for i, f in zip(missing, loaded, strict=True):
+                out[i] = f
+        return [f for f in out if f is not None]
 
     # -- one load down the chain ----------------------------------------------------------------
 

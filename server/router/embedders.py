@@ -111,6 +111,7 @@ class HashedTfidfEmbedder:
                 f"hashed-tfidf idf has shape {tuple(idf.shape)}, expected ({dim},) for dim={dim}"
             )
         self.idf = idf.to(torch.float32).contiguous()
+        self._idf_cache: tuple[Tensor, list[float]] | None = None
 
     @property
     def dim(self) -> int:
@@ -169,12 +170,44 @@ class HashedTfidfEmbedder:
         self.idf = idf.pow(self.idf_power).to(torch.float32)
         return self
 
+    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]:
+        """One text's embedding as (buckets [nnz] long, values [nnz] float32): the non-zero
+        entries of its `embed` row, for routing a prompt without touching all `dim` columns.
+
+        Plain Python over a few dozen n-grams: a prompt is routed between requests, when
+        torch's per-op dispatch (cold caches) would cost more than the arithmetic.
+        """
+        acc: dict[int, float] = {}
+        for gram, count in self.grams(text).items():
+            bucket, sign = _hash_gram(gram, self._dim, self.seed)
+            acc[bucket] = acc.get(bucket, 0.0) + sign * (1.0 + math.log(count))
+        buckets = sorted(acc)
+        idf = self._idf_list()
+        values = [acc[b] * idf[b] for b in buckets]
+        norm = math.sqrt(sum(v * v for v in values)) or 1.0
+        return (
+            torch.tensor(buckets, dtype=torch.long),
+            torch.tensor([v / norm for v in values], dtype=torch.float32),
+        )
+
+    def _idf_list(self) -> list[float]:
+        if self._idf_cache is None or self._idf_cache[0] is not self.idf:
+            self._idf_cache = (self.idf, self.idf.tolist())
+        return self._idf_cache[1]
+
     def embed(self, texts: Sequence[str]) -> Tensor:
         rows, cols, vals = self._sparse(texts)
         out = torch.zeros(len(texts), self._dim, dtype=torch.float32)  # (N, D)
         out.index_put_((rows, cols), vals, accumulate=True)
         out *= self.idf
         return F.normalize(out, p=2.0, dim=1)
+
+
+@runtime_checkable
+class SparseEmbedder(Embedder, Protocol):
+    """An embedder whose vectors are mostly zero: routing reads only the non-zero columns."""
+
+    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]: ...
 
 
 def _spec_int(spec: Mapping[str, Any], field: str) -> int:

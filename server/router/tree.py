@@ -13,6 +13,7 @@ manifest and is checked against what is loaded.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from server.router.embedders import Embedder, load_embedder
+from server.router.embedders import Embedder, SparseEmbedder, load_embedder
 from server.router.errors import CentroidTreeError, RouterFileError, RouterFileNotFoundError
 
 CENTROIDS_PREFIX = "centroids.L"
@@ -71,6 +72,9 @@ class CentroidTree:
         self.branching = branching
         self.dim = dim
         self.centroids = [c.to(torch.float32).contiguous() for c in centroids]
+        self.sq_norms = [c.pow(2).sum(dim=1) for c in self.centroids]  # [n] per level
+        self._np_centroids = [c.numpy() for c in self.centroids]  # views (route_sparse)
+        self._np_sq_norms = [n.numpy() for n in self.sq_norms]
 
     @property
     def levels(self) -> int:
@@ -128,6 +132,45 @@ class CentroidTree:
             distances[0, level] = d2[choice].sqrt()
         return RouteResult(node_ids=node_ids, child_index=child_index, distances=distances)
 
+    def route_sparse(
+        self, buckets: Tensor, values: Tensor, *, levels: int | None = None
+    ) -> RouteResult:
+        """Route one sparse input (the non-zero `buckets` [nnz] of a vector and their `values`).
+
+        d2 = |c|^2 - 2 c.x + |x|^2 reads only the input's non-zero columns of each candidate
+        centroid (b x nnz numbers, not b x dim): the same choice as `route` up to float rounding.
+        """
+        depth = self.levels if levels is None else levels
+        if not 1 <= depth <= self.levels:
+            raise ValueError(f"levels must be in 1..{self.levels} for this tree, got {levels}")
+        if buckets.dim() != 1 or buckets.shape != values.shape:
+            raise ValueError("buckets and values must be 1-d and of one length")
+        if buckets.numel() and not 0 <= int(buckets.min()) <= int(buckets.max()) < self.dim:
+            raise ValueError(f"buckets must be in 0..{self.dim - 1}")
+        b = self.branching
+        # numpy views of the same memory: a handful of small ops, far lighter than torch's.
+        cols = buckets.numpy()
+        x = values.to(torch.float32).numpy()
+        x_sq = float(x @ x)
+        nodes: list[int] = []
+        choices: list[int] = []
+        dists: list[float] = []
+        parent = 0
+        for level in range(depth):
+            start = parent * b
+            dots = self._np_centroids[level][start : start + b][:, cols] @ x  # (b,)
+            d2 = (self._np_sq_norms[level][start : start + b] - 2.0 * dots + x_sq).tolist()
+            choice = min(range(b), key=d2.__getitem__)  # first minimum, as argmin
+            parent = parent * b + choice
+            nodes.append(parent)
+            choices.append(choice)
+            dists.append(math.sqrt(max(d2[choice], 0.0)))
+        return RouteResult(
+            node_ids=torch.tensor([nodes]),
+            child_index=torch.tensor([choices]),
+            distances=torch.tensor([dists], dtype=torch.float32),
+        )
+
     def to_tensors(self) -> dict[str, Tensor]:
         return {f"{CENTROIDS_PREFIX}{i}": c for i, c in enumerate(self.centroids, start=1)}
 
@@ -165,8 +208,12 @@ class Router:
             )
         self.embedder = embedder
         self.tree = tree
+        self._sparse = embedder if isinstance(embedder, SparseEmbedder) else None
 
     def route_texts(self, texts: Sequence[str], *, levels: int | None = None) -> RouteResult:
+        if len(texts) == 1 and self._sparse is not None:
+            buckets, values = self._sparse.embed_sparse(texts[0])  # a prompt: the sparse path
+            return self.tree.route_sparse(buckets, values, levels=levels)
         return self.tree.route(self.embedder.embed(texts), levels=levels)
 
     def save(self, path: str | Path) -> None:

@@ -10,6 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from server.bank import Bank
+from server.bank.router_file import ROUTER_NAME
+from server.defaults import DEMO_BANK
 from server.router import (
     CentroidTree,
     CentroidTreeError,
@@ -231,3 +234,28 @@ def test_router_load_refuses_mismatches(router: Router, tmp_path: Path) -> None:
 def test_router_refuses_an_embedder_of_another_dim(router: Router) -> None:
     with pytest.raises(CentroidTreeError, match="2048-d"):
         Router(HashedTfidfEmbedder(dim=64), router.tree)
+
+
+def test_a_single_prompt_routes_sparsely_to_the_same_path_as_the_dense_batch() -> None:
+    """The demo bank's router: hashed TF-IDF prompts take the sparse path one at a time."""
+    m = Bank.open(DEMO_BANK).manifest
+    router = Router.load(
+        DEMO_BANK / ROUTER_NAME, m.embedder, branching=m.branching, levels=m.levels
+    )
+    assert isinstance(router.embedder, HashedTfidfEmbedder)
+    texts = [
+        *(f"The atomic number of {name} is" for name in ("Iron", "Thulium", "Gold", "Xenon")),
+        "Chop the pumpkin and fry it gently in butter.",
+        "The capital of Buvithil is",
+        "",
+        "!!!",
+        "the the the the",
+    ]
+    dense = router.tree.route(router.embedder.embed(texts))
+    for i, text in enumerate(texts):
+        buckets, values = router.embedder.embed_sparse(text)
+        row = torch.zeros(router.embedder.dim).index_put_((buckets,), values)
+        assert torch.allclose(row, router.embedder.embed([text])[0], atol=1e-6)
+        one = router.route_texts([text])
+        assert one.node_ids[0].tolist() == dense.node_ids[i].tolist(), text
+        assert one.distances[0].tolist() == pytest.approx(dense.distances[i].tolist(), abs=1e-4)
