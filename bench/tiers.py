@@ -27,7 +27,6 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -47,6 +46,7 @@ import uvloop
 # `import tiers` would find this script: put the repository root (the `tiers` package) before it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import machine
 from tiers import (
     BlockCache,
     BlockDigest,
@@ -83,17 +83,6 @@ def fmt_size(n: int) -> str:
         if n >= UNITS[unit] and n % UNITS[unit] == 0:
             return f"{n // UNITS[unit]}{unit}"
     return f"{n}B"
-
-
-def machine() -> dict[str, Any]:
-    model = "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    cores, python = os.cpu_count(), platform.python_version()
-    return {"cpu": model, "cores": cores, "python": python, "platform": platform.platform()}
 
 
 def block_costs(size: int, reps: int) -> dict[str, float]:

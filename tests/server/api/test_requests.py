@@ -224,13 +224,13 @@ def test_streaming_several_choices_interleaves_them_all(client: TestClient) -> N
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
     assert isinstance(chunks[0]["memory"], list)
-    texts = {i: "" for i in range(4)}
+    texts = dict.fromkeys(range(4), "")
     finish = {}
     for chunk in chunks:
         (choice,) = chunk["choices"]
         texts[choice["index"]] += choice["text"]
         if choice["finish_reason"] is not None:
             finish[choice["index"]] = choice["finish_reason"]
-    assert finish == {i: "length" for i in range(4)}
+    assert finish == dict.fromkeys(range(4), "length")
     plain = client.post("/v1/completions", json=body).json()
     assert [texts[i] for i in range(4)] == [c["text"] for c in plain["choices"]]
