@@ -5,14 +5,18 @@ S3 (a moto server over loopback), reported in the response, cached on repeat, co
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from server.api.app import create_app
-from server.settings import Settings
+from server.bank import Bank
+from server.build.pipeline import build_bank
+from server.settings import Settings, load_settings
 from tests.conftest import S3_CREDENTIALS, S3Server
+from tests.server.build.test_build import tiny
 
 
 def _metric(text: str, name: str, **labels: str) -> float:
@@ -95,3 +99,17 @@ def test_the_embedded_default_puts_the_deepest_level_on_s3_when_an_endpoint_is_s
         memory = _complete(client, prompt="The atomic number of Thulium is")["memory"]
         assert [b["tier"] for b in memory["blocks"]] == ["flash", "cloud"]
         assert set(client.get("/ready").json()["tiers"]) == {"flash", "disk", "cloud"}
+
+
+def test_a_freshly_built_bank_is_served(tmp_path: Path) -> None:
+    """`hmem build` on a corpus it has never seen, then `hmem serve --bank` of its output."""
+    summary = build_bank(tiny(tmp_path))
+    settings = load_settings(bank=summary.bank, data_dir=tmp_path / "state", warmup=False)
+    with TestClient(create_app(settings)) as client:
+        (model,) = client.get("/v1/models").json()["data"]
+        assert model["id"] == Bank.open(summary.bank).manifest.bank_id
+        assert model["memory"]["levels"] == 2
+        body = _complete(client, prompt="iron is a metal", max_tokens=6)
+        assert len(body["memory"]["path"]) == 2
+        assert [b["tier"] for b in body["memory"]["blocks"]] == ["flash", "disk"]
+        assert body["usage"]["completion_tokens"] <= 6
