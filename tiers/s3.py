@@ -144,6 +144,8 @@ class S3Tier(ThreadedTier):
         except ClientError as exc:
             if not self._is_miss(exc):
                 raise self._wrap(exc, "head bucket") from exc
+        except BotoCoreError as exc:  # no connection: the endpoint is down or wrong
+            raise self._wrap(exc, "head bucket") from exc
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         region = self._client.meta.region_name
         if region and region != "us-east-1":

@@ -134,7 +134,11 @@ def tier_location(settings: AnyTierSettings) -> str:
 
 
 def check_placement(
-    manifest: BankManifest, placement: Mapping[int, Sequence[str]], tier_names: Collection[str]
+    manifest: BankManifest,
+    placement: Mapping[int, Sequence[str]],
+    tier_names: Collection[str],
+    *,
+    every_level: bool = True,
 ) -> None:
     """Every level with blocks has a tier, no level is past the bank's last, every tier is known.
 
@@ -151,7 +155,7 @@ def check_placement(
             if name not in tier_names:
                 raise ConfigError(f"placement.{level}: unknown tier {name!r}")
     levels_with_blocks = sorted({BlockKey.parse(k).level for k in manifest.blocks})
-    for level in levels_with_blocks:
+    for level in levels_with_blocks if every_level else ():
         if level not in placement:
             raise ConfigError(
                 f"level {level} of bank {manifest.bank_id!r} has blocks but no tier: "
@@ -161,7 +165,7 @@ def check_placement(
 
 def _targets(bank: Bank, placement: Mapping[int, Sequence[str]]) -> list[tuple[BlockKey, str]]:
     """(key, tier name) for every block and every tier of its level, in (level, node) order."""
-    return [(key, name) for key in bank.block_keys() for name in placement[key.level]]
+    return [(key, name) for key in bank.block_keys() for name in placement.get(key.level, ())]
 
 
 def _missing_bucket(tier: Tier, exc: TierUnavailableError) -> ConfigError | None:
@@ -253,14 +257,17 @@ async def push_bank(
     *,
     concurrency: int = 8,
     progress: bool = True,
+    some_levels: bool = False,
 ) -> PushReport:
     """Copy every block of `bank` to every tier of its level's placement; skip what is there.
+
+    `some_levels=True` accepts a placement that leaves levels out (their blocks are not copied).
 
     Each block is read once from the bank (sha256-checked, on a worker thread) and written to
     the tiers that lack it, one put at a time, with at most `concurrency` blocks in flight.
     Interrupted, it leaves only complete blocks behind; run it again to finish.
     """
-    check_placement(bank.manifest, placement, store_tiers.keys())
+    check_placement(bank.manifest, placement, store_tiers.keys(), every_level=not some_levels)
     started = time.perf_counter()
     names = list(dict.fromkeys(n for level in sorted(placement) for n in placement[level]))
     listings = await asyncio.gather(*(_listing(store_tiers[n]) for n in names))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
 
@@ -35,7 +35,7 @@ from server.model.memory import MemoryBlock
 from server.router.tree import Router
 from server.settings import Settings
 from server.tokenizer import AnchorTokenizer
-from tiers import S3Tier, StoreMetrics, TieredStore, build_store
+from tiers import S3Tier, StoreMetrics, TieredStore, TierError, build_store
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +75,7 @@ class Runtime:
         store = await build_store(config, codec=bank.codec(), digests=m.digests(), metrics=metrics)
         try:
             if embedded:
-                for tier in store.tiers.values():  # the embedded default's cloud bucket
-                    if isinstance(tier, S3Tier):
-                        await tier.create_bucket()
-                report = await push_bank(bank, store.tiers, config.placement, progress=False)
-                if report.written:
-                    log.info("copied %d blocks of %s to the default tiers", report.written, root)
+                await _place_blocks(bank, store, config.placement)
             router = await loop.run_in_executor(executor, partial(
                 Router.load, bank.path / ROUTER_NAME, m.embedder, branching=m.branching,
                 levels=m.levels,
@@ -156,6 +151,32 @@ class Runtime:
         self.executor.shutdown(wait=False)
 
 
-def describe(path: Path) -> str:
-    """A bank's location for logs: the demo bank by name, others by directory name only."""
-    return "the demo bank" if path.name == "demo_bank" else path.name
+async def _place_blocks(
+    bank: Bank, store: TieredStore[MemoryBlock], placement: Mapping[int, Sequence[str]]
+) -> None:
+    """Copy the bank's blocks to the embedded default's tiers (idempotent, skips what is there).
+
+    Tier by tier: one that cannot be reached (the cloud endpoint down at start) is not fatal.
+    The server starts, the other tiers get their blocks, and the unreachable tier's levels are
+    served degraded, as they would be had it failed later.
+    """
+    written = 0
+    for name, tier in store.tiers.items():
+        levels = {level: [name] for level, names in placement.items() if name in names}
+        if not levels:
+            continue
+        try:
+            if isinstance(tier, S3Tier):
+                await tier.create_bucket()
+            report = await push_bank(bank, {name: tier}, levels, progress=False, some_levels=True)
+        except TierError as exc:
+            log.warning(
+                "could not copy the bank's blocks to tier %r (%s); its levels are served "
+                "degraded until it answers",
+                name,
+                exc,
+            )
+            continue
+        written += report.written
+    if written:
+        log.info("copied %d blocks of the bank to the default tiers", written)

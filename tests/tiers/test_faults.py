@@ -26,6 +26,7 @@ from tiers import (
     IntegrityError,
     InvalidKeyError,
     LmdbTier,
+    S3Tier,
     StoreConfig,
     TierFullError,
     TierUnavailableError,
@@ -351,3 +352,19 @@ async def test_verified_bytes_that_do_not_decode_are_a_failed_fetch_not_a_crash(
         assert "cannot decode: tensor 'gate' has the wrong shape" in str(fetched.error)
     finally:
         await store.aclose()
+
+
+async def test_creating_a_bucket_at_an_endpoint_that_is_down_is_a_tier_error() -> None:
+    """What `hmem bank push --create-bucket` and the server's first start meet with MinIO down."""
+    tier = S3Tier(
+        "hmem",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        region="us-east-1",
+        max_attempts=1,
+        **S3_CREDENTIALS,  # type: ignore[arg-type]
+    )
+    try:
+        with pytest.raises(TierUnavailableError, match="head bucket failed"):
+            await tier.create_bucket()
+    finally:
+        await tier.aclose()

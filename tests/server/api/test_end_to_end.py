@@ -15,7 +15,7 @@ from server.api.app import create_app
 from server.bank import Bank
 from server.build.pipeline import build_bank
 from server.settings import Settings, load_settings
-from tests.conftest import S3_CREDENTIALS, S3Server
+from tests.conftest import S3_CREDENTIALS, S3Server, free_port
 from tests.server.build.test_build import tiny
 
 
@@ -113,3 +113,25 @@ def test_a_freshly_built_bank_is_served(tmp_path: Path) -> None:
         assert len(body["memory"]["path"]) == 2
         assert [b["tier"] for b in body["memory"]["blocks"]] == ["flash", "disk"]
         assert body["usage"]["completion_tokens"] <= 6
+
+
+def test_a_cloud_endpoint_down_at_start_degrades_its_level_instead_of_failing(
+    demo_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret_access_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = demo_settings.model_copy(update={"cloud_endpoint": dead})
+    with TestClient(create_app(settings)) as client:
+        r = client.post(
+            "/v1/completions",
+            json={"prompt": "The atomic number of Thulium is", "max_tokens": 2},
+        )
+        assert r.status_code == 200
+        memory = r.json()["memory"]
+        assert memory["blocks"][0]["tier"] == "flash"
+        (degraded,) = memory["degraded"]
+        assert degraded["level"] == 2
+        assert degraded["reason"] in ("unavailable", "late")
+        assert degraded["fallback"] == "generic"
