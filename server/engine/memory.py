@@ -164,12 +164,13 @@ class MemoryResolver:
         if len(text) <= _INLINE_ROUTE_CHARS and isinstance(
             self.router.embedder, HashedTfidfEmbedder
         ):
-            result = self.router.route_texts([text])
+            nodes, choices, dists = self.router.route_one(text)
         else:
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, self.router.route_texts, [text])
-        nodes = tuple(int(n) for n in result.node_ids[0].tolist())
-        return result.path(0), nodes, [float(d) for d in result.distances[0].tolist()]
+            nodes, choices, dists = await loop.run_in_executor(
+                self.executor, self.router.route_one, text
+            )
+        return tuple(choices), tuple(nodes), dists
 
     def check_path(self, path: Sequence[int]) -> tuple[int, ...]:
         if len(path) != self.depth:

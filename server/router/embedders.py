@@ -170,9 +170,8 @@ class HashedTfidfEmbedder:
         self.idf = idf.pow(self.idf_power).to(torch.float32)
         return self
 
-    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]:
-        """One text's embedding as (buckets [nnz] long, values [nnz] float32): the non-zero
-        entries of its `embed` row, for routing a prompt without touching all `dim` columns.
+    def sparse_terms(self, text: str) -> tuple[list[int], list[float]]:
+        """One text's embedding as its non-zero entries: (sorted buckets, unit-norm values).
 
         Plain Python over a few dozen n-grams: a prompt is routed between requests, when
         torch's per-op dispatch (cold caches) would cost more than the arithmetic.
@@ -185,10 +184,13 @@ class HashedTfidfEmbedder:
         idf = self._idf_list()
         values = [acc[b] * idf[b] for b in buckets]
         norm = math.sqrt(sum(v * v for v in values)) or 1.0
-        return (
-            torch.tensor(buckets, dtype=torch.long),
-            torch.tensor([v / norm for v in values], dtype=torch.float32),
-        )
+        return buckets, [v / norm for v in values]
+
+    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]:
+        """`sparse_terms` as tensors: (buckets [nnz] long, values [nnz] float32), the non-zero
+        entries of the text's `embed` row."""
+        buckets, values = self.sparse_terms(text)
+        return torch.tensor(buckets, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
 
     def _idf_list(self) -> list[float]:
         if self._idf_cache is None or self._idf_cache[0] is not self.idf:
@@ -207,7 +209,7 @@ class HashedTfidfEmbedder:
 class SparseEmbedder(Embedder, Protocol):
     """An embedder whose vectors are mostly zero: routing reads only the non-zero columns."""
 
-    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]: ...
+    def sparse_terms(self, text: str) -> tuple[list[int], list[float]]: ...
 
 
 def _spec_int(spec: Mapping[str, Any], field: str) -> int:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -140,17 +141,31 @@ class CentroidTree:
         d2 = |c|^2 - 2 c.x + |x|^2 reads only the input's non-zero columns of each candidate
         centroid (b x nnz numbers, not b x dim): the same choice as `route` up to float rounding.
         """
+        if buckets.dim() != 1 or buckets.shape != values.shape:
+            raise ValueError("buckets and values must be 1-d and of one length")
+        nodes, choices, dists = self.path_sparse(buckets.tolist(), values.tolist(), levels=levels)
+        return RouteResult(
+            node_ids=torch.tensor([nodes]),
+            child_index=torch.tensor([choices]),
+            distances=torch.tensor([dists], dtype=torch.float32),
+        )
+
+    def path_sparse(
+        self, buckets: Sequence[int], values: Sequence[float], *, levels: int | None = None
+    ) -> tuple[list[int], list[int], list[float]]:
+        """`route_sparse` as plain lists (node ids, child indices, distances): no tensors made,
+        which is what routing one prompt between requests can afford."""
         depth = self.levels if levels is None else levels
         if not 1 <= depth <= self.levels:
             raise ValueError(f"levels must be in 1..{self.levels} for this tree, got {levels}")
-        if buckets.dim() != 1 or buckets.shape != values.shape:
-            raise ValueError("buckets and values must be 1-d and of one length")
-        if buckets.numel() and not 0 <= int(buckets.min()) <= int(buckets.max()) < self.dim:
+        if len(buckets) != len(values):
+            raise ValueError("buckets and values must be of one length")
+        if buckets and not 0 <= min(buckets) <= max(buckets) < self.dim:
             raise ValueError(f"buckets must be in 0..{self.dim - 1}")
         b = self.branching
-        # numpy views of the same memory: a handful of small ops, far lighter than torch's.
-        cols = buckets.numpy()
-        x = values.to(torch.float32).numpy()
+        # numpy over views of the centroids: a handful of small ops, far lighter than torch's.
+        cols = np.asarray(buckets, dtype=np.int64)
+        x = np.asarray(values, dtype=np.float32)
         x_sq = float(x @ x)
         nodes: list[int] = []
         choices: list[int] = []
@@ -165,11 +180,7 @@ class CentroidTree:
             nodes.append(parent)
             choices.append(choice)
             dists.append(math.sqrt(max(d2[choice], 0.0)))
-        return RouteResult(
-            node_ids=torch.tensor([nodes]),
-            child_index=torch.tensor([choices]),
-            distances=torch.tensor([dists], dtype=torch.float32),
-        )
+        return nodes, choices, dists
 
     def to_tensors(self) -> dict[str, Tensor]:
         return {f"{CENTROIDS_PREFIX}{i}": c for i, c in enumerate(self.centroids, start=1)}
@@ -212,9 +223,22 @@ class Router:
 
     def route_texts(self, texts: Sequence[str], *, levels: int | None = None) -> RouteResult:
         if len(texts) == 1 and self._sparse is not None:
-            buckets, values = self._sparse.embed_sparse(texts[0])  # a prompt: the sparse path
-            return self.tree.route_sparse(buckets, values, levels=levels)
+            buckets, values = self._sparse.sparse_terms(texts[0])  # a prompt: the sparse path
+            nodes, choices, dists = self.tree.path_sparse(buckets, values, levels=levels)
+            return RouteResult(
+                node_ids=torch.tensor([nodes]),
+                child_index=torch.tensor([choices]),
+                distances=torch.tensor([dists], dtype=torch.float32),
+            )
         return self.tree.route(self.embedder.embed(texts), levels=levels)
+
+    def route_one(self, text: str) -> tuple[list[int], list[int], list[float]]:
+        """One prompt's (node ids, child indices, distances), level 1 first, as plain lists."""
+        if self._sparse is not None:
+            buckets, values = self._sparse.sparse_terms(text)
+            return self.tree.path_sparse(buckets, values)
+        r = self.route_texts([text])
+        return r.node_ids[0].tolist(), r.child_index[0].tolist(), r.distances[0].tolist()
 
     def save(self, path: str | Path) -> None:
         """Write router.safetensors atomically (a crash never leaves a partial file)."""

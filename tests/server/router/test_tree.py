@@ -259,3 +259,7 @@ def test_a_single_prompt_routes_sparsely_to_the_same_path_as_the_dense_batch() -
         one = router.route_texts([text])
         assert one.node_ids[0].tolist() == dense.node_ids[i].tolist(), text
         assert one.distances[0].tolist() == pytest.approx(dense.distances[i].tolist(), abs=1e-4)
+        nodes, choices, dists = router.route_one(text)  # what a serving request calls
+        assert nodes == dense.node_ids[i].tolist()
+        assert choices == dense.child_index[i].tolist()
+        assert dists == pytest.approx(dense.distances[i].tolist(), abs=1e-4)
