@@ -250,9 +250,9 @@ class TieredStore(Generic[V]):
         return Fetched(key, block.value, source, cached, elapsed)
 
     def _ram_hit(self, key: BlockKey, started: float) -> Fetched[V] | None:
-        """A RAM-cache hit, answered without a deadline scope or a task (the common case)."""
-        if self.digests is not None and str(key) not in self.digests:
-            return None
+        """A RAM-cache hit, answered without a deadline scope or a task (the common case).
+
+        Only verified loads enter the RAM cache, so a hit needs no digest lookup."""
         block = self.ram.get(str(key))
         if block is None:
             return None

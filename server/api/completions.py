@@ -15,7 +15,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import Request
@@ -76,6 +76,8 @@ class Completions:
     def __init__(self, runtime: Runtime, metrics: ServerMetrics) -> None:
         self.rt = runtime
         self.metrics = metrics
+        # Per-token counters, looked up once rather than by label on every token.
+        self._tokens_counted = {m: metrics.tokens.labels(m) for m in ("on", "off")}
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -203,7 +205,7 @@ class Completions:
                 for j in range(req.n):
                     seeded = params
                     if req.seed is not None and j:
-                        seeded = SamplingParams(**{**_fields(params), "seed": req.seed + j})
+                        seeded = replace(params, seed=req.seed + j)
                     jobs.append((p.ids, seeded, mem.blocks))
         except ValueError as exc:  # a value the schema lets through but sampling cannot use
             raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
@@ -232,10 +234,7 @@ class Completions:
         ]
         memory_label = "off" if all(not m.blocks for m in memories) else "on"
         memory_field: Any = (
-            memories[0].as_dict()
-            if isinstance(req.prompt, str)
-            or (req.prompt and all(isinstance(x, int) for x in req.prompt))
-            else [m.as_dict() for m in memories]
+            memories[0].as_dict() if req.single_prompt() else [m.as_dict() for m in memories]
         )
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -279,7 +278,7 @@ class Completions:
             c.first_token_at = time.perf_counter()
             if c.index == 0:
                 self.metrics.ttft.labels(label).observe(c.first_token_at - arrived)
-        self.metrics.tokens.labels(label).inc()
+        self._tokens_counted[label].inc()
         c.offsets.append(len(c.stream.text))
         c.tokens.append(ev.token)
         c.logprobs.append(ev.logprob)
@@ -479,10 +478,6 @@ def _top_dict(tok: Any, alts: list[tuple[int, float]] | None) -> dict[str, float
     return {
         s: lp for s, (_, lp) in zip(token_strings(tok, [i for i, _ in alts]), alts, strict=True)
     }
-
-
-def _fields(params: SamplingParams) -> dict[str, Any]:
-    return {name: getattr(params, name) for name in params.__dataclass_fields__}
 
 
 async def _cancel_on_disconnect(request: Request, gens: list[Generation]) -> None:

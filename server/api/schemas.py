@@ -93,12 +93,17 @@ class CompletionRequest(BaseModel):
             raise ValueError("best_of is not supported (leave it unset or equal to n)")
         return self
 
+    def single_prompt(self) -> bool:
+        """One prompt (a string or one list of token ids), not a list of prompts."""
+        p: Any = self.prompt
+        return isinstance(p, str) or all(isinstance(x, int) for x in p)
+
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: strings, or lists of token ids."""
         p: Any = self.prompt
         if isinstance(p, str):
             return [p]
-        if all(isinstance(x, int) for x in p):
+        if self.single_prompt():
             return [list(p)]
         return list(p)
 

@@ -19,7 +19,6 @@ from typing import Any, Literal
 
 from server.engine.blocklist import Blocklist
 from server.model.memory import MemoryBlock
-from server.router.embedders import HashedTfidfEmbedder
 from server.router.tree import Router
 from server.settings import KeyPolicy, MemoryMode
 from tiers import TieredStore
@@ -27,6 +26,7 @@ from tiers.errors import BlockNotFoundError, FetchTimeoutError
 from tiers.keys import BlockKey
 
 Fallback = Literal["generic", "none"]
+Reason = Literal["blocked", "disabled", "late", "unavailable", "missing"]
 # Longer prompts are embedded in the executor even with hashed TF-IDF (its cost grows with text).
 _INLINE_ROUTE_CHARS = 4096
 
@@ -72,7 +72,7 @@ class BlockReport:
 @dataclass(frozen=True, slots=True)
 class Degraded:
     level: int
-    reason: Literal["blocked", "disabled", "late", "unavailable", "missing"]
+    reason: Reason
     fallback: Literal["generic", "none"]
 
     def as_dict(self) -> dict[str, Any]:
@@ -151,9 +151,6 @@ class MemoryResolver:
             nodes.append(node)
         return tuple(nodes)
 
-    def child_path(self, node_ids: Sequence[int]) -> tuple[int, ...]:
-        return tuple(n % self.branching for n in node_ids)
-
     async def route(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...], list[float]]:
         """(path, node ids, distances) of a text.
 
@@ -161,9 +158,7 @@ class MemoryResolver:
         and back costs under load, so it runs on the event loop (whose torch is single-threaded,
         `server.engine.threads`); MiniLM (about 5 ms) runs in the executor.
         """
-        if len(text) <= _INLINE_ROUTE_CHARS and isinstance(
-            self.router.embedder, HashedTfidfEmbedder
-        ):
+        if self.router.routes_sparsely and len(text) <= _INLINE_ROUTE_CHARS:
             nodes, choices, dists = self.router.route_one(text)
         else:
             loop = asyncio.get_running_loop()
@@ -226,10 +221,13 @@ class MemoryResolver:
 
     # -- resolution -----------------------------------------------------------------------------
 
-    def _fallback_block(self, level: int) -> tuple[MemoryBlock | None, Literal["generic", "none"]]:
+    def _degrade(self, out: ResolvedMemory, level: int, reason: Reason) -> None:
+        """Record that `level` cannot be used and apply its fallback (generic, or nothing)."""
         if self.fallback == "generic" and level in self.generic:
-            return self.generic[level], "generic"
-        return None, "none"
+            out.blocks.append(self.generic[level])
+            out.degraded.append(Degraded(level, reason, "generic"))
+        else:
+            out.degraded.append(Degraded(level, reason, "none"))
 
     async def resolve(
         self, text: str, request: MemoryRequest, policy: KeyPolicy | None = None
@@ -264,10 +262,7 @@ class MemoryResolver:
             if reason is None:
                 to_fetch.append(level)
                 continue
-            block, used = self._fallback_block(level)
-            if block is not None:
-                out.blocks.append(block)
-            out.degraded.append(Degraded(level, reason, used))
+            self._degrade(out, level, reason)
         keys = [BlockKey(self.bank_id, level, nodes[level - 1]) for level in to_fetch]
         fetched = await self.store.fetch_many(keys, deadline_s=self.deadline_s)
         for level, got in zip(to_fetch, fetched, strict=True):
@@ -276,10 +271,7 @@ class MemoryResolver:
                 # reported as blocked only (not as a block that was served).
                 self.store.ram.discard(str(got.key))
                 out.blocked.append(level)
-                block, used = self._fallback_block(level)
-                if block is not None:
-                    out.blocks.append(block)
-                out.degraded.append(Degraded(level, "blocked", used))
+                self._degrade(out, level, "blocked")
                 continue
             out.reports.append(
                 BlockReport(level, nodes[level - 1], got.tier, got.cached, got.seconds * 1e3)
@@ -287,10 +279,7 @@ class MemoryResolver:
             if got.value is not None:
                 out.blocks.append(got.value)
                 continue
-            block, used = self._fallback_block(level)
-            if block is not None:
-                out.blocks.append(block)
-            out.degraded.append(Degraded(level, _failure(got.error), used))
+            self._degrade(out, level, _failure(got.error))
         out.degraded.sort(key=lambda d: d.level)
         out.blocked.sort()
         out.fetch_ms = (time.perf_counter() - started) * 1e3

@@ -186,12 +186,6 @@ class HashedTfidfEmbedder:
         norm = math.sqrt(sum(v * v for v in values)) or 1.0
         return buckets, [v / norm for v in values]
 
-    def embed_sparse(self, text: str) -> tuple[Tensor, Tensor]:
-        """`sparse_terms` as tensors: (buckets [nnz] long, values [nnz] float32), the non-zero
-        entries of the text's `embed` row."""
-        buckets, values = self.sparse_terms(text)
-        return torch.tensor(buckets, dtype=torch.long), torch.tensor(values, dtype=torch.float32)
-
     def _idf_list(self) -> list[float]:
         if self._idf_cache is None or self._idf_cache[0] is not self.idf:
             self._idf_cache = (self.idf, self.idf.tolist())

@@ -74,7 +74,7 @@ class CentroidTree:
         self.dim = dim
         self.centroids = [c.to(torch.float32).contiguous() for c in centroids]
         self.sq_norms = [c.pow(2).sum(dim=1) for c in self.centroids]  # [n] per level
-        self._np_centroids = [c.numpy() for c in self.centroids]  # views (route_sparse)
+        self._np_centroids = [c.numpy() for c in self.centroids]  # views (path_sparse)
         self._np_sq_norms = [n.numpy() for n in self.sq_norms]
 
     @property
@@ -133,28 +133,16 @@ class CentroidTree:
             distances[0, level] = d2[choice].sqrt()
         return RouteResult(node_ids=node_ids, child_index=child_index, distances=distances)
 
-    def route_sparse(
-        self, buckets: Tensor, values: Tensor, *, levels: int | None = None
-    ) -> RouteResult:
-        """Route one sparse input (the non-zero `buckets` [nnz] of a vector and their `values`).
-
-        d2 = |c|^2 - 2 c.x + |x|^2 reads only the input's non-zero columns of each candidate
-        centroid (b x nnz numbers, not b x dim): the same choice as `route` up to float rounding.
-        """
-        if buckets.dim() != 1 or buckets.shape != values.shape:
-            raise ValueError("buckets and values must be 1-d and of one length")
-        nodes, choices, dists = self.path_sparse(buckets.tolist(), values.tolist(), levels=levels)
-        return RouteResult(
-            node_ids=torch.tensor([nodes]),
-            child_index=torch.tensor([choices]),
-            distances=torch.tensor([dists], dtype=torch.float32),
-        )
-
     def path_sparse(
         self, buckets: Sequence[int], values: Sequence[float], *, levels: int | None = None
     ) -> tuple[list[int], list[int], list[float]]:
-        """`route_sparse` as plain lists (node ids, child indices, distances): no tensors made,
-        which is what routing one prompt between requests can afford."""
+        """Route one sparse input: the non-zero `buckets` of a vector and their `values`.
+
+        d2 = |c|^2 - 2 c.x + |x|^2 reads only the input's non-zero columns of each candidate
+        centroid (b x nnz numbers, not b x dim): the same choice as `route` up to float rounding.
+        Returns plain lists (node ids, child indices, distances): no tensors are made, which is
+        what routing one prompt between requests can afford.
+        """
         depth = self.levels if levels is None else levels
         if not 1 <= depth <= self.levels:
             raise ValueError(f"levels must be in 1..{self.levels} for this tree, got {levels}")
@@ -222,9 +210,8 @@ class Router:
         self._sparse = embedder if isinstance(embedder, SparseEmbedder) else None
 
     def route_texts(self, texts: Sequence[str], *, levels: int | None = None) -> RouteResult:
-        if len(texts) == 1 and self._sparse is not None:
-            buckets, values = self._sparse.sparse_terms(texts[0])  # a prompt: the sparse path
-            nodes, choices, dists = self.tree.path_sparse(buckets, values, levels=levels)
+        if len(texts) == 1 and self._sparse is not None:  # a prompt: the sparse path
+            nodes, choices, dists = self.route_one(texts[0], levels=levels)
             return RouteResult(
                 node_ids=torch.tensor([nodes]),
                 child_index=torch.tensor([choices]),
@@ -232,12 +219,19 @@ class Router:
             )
         return self.tree.route(self.embedder.embed(texts), levels=levels)
 
-    def route_one(self, text: str) -> tuple[list[int], list[int], list[float]]:
+    @property
+    def routes_sparsely(self) -> bool:
+        """One prompt is routed from its non-zero terms (cheap: about 0.1 ms, no torch op)."""
+        return self._sparse is not None
+
+    def route_one(
+        self, text: str, *, levels: int | None = None
+    ) -> tuple[list[int], list[int], list[float]]:
         """One prompt's (node ids, child indices, distances), level 1 first, as plain lists."""
         if self._sparse is not None:
             buckets, values = self._sparse.sparse_terms(text)
-            return self.tree.path_sparse(buckets, values)
-        r = self.route_texts([text])
+            return self.tree.path_sparse(buckets, values, levels=levels)
+        r = self.route_texts([text], levels=levels)
         return r.node_ids[0].tolist(), r.child_index[0].tolist(), r.distances[0].tolist()
 
     def save(self, path: str | Path) -> None:

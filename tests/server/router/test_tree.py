@@ -253,8 +253,10 @@ def test_a_single_prompt_routes_sparsely_to_the_same_path_as_the_dense_batch() -
     ]
     dense = router.tree.route(router.embedder.embed(texts))
     for i, text in enumerate(texts):
-        buckets, values = router.embedder.embed_sparse(text)
-        row = torch.zeros(router.embedder.dim).index_put_((buckets,), values)
+        buckets, values = router.embedder.sparse_terms(text)
+        row = torch.zeros(router.embedder.dim).index_put_(
+            (torch.tensor(buckets),), torch.tensor(values)
+        )
         assert torch.allclose(row, router.embedder.embed([text])[0], atol=1e-6)
         one = router.route_texts([text])
         assert one.node_ids[0].tolist() == dense.node_ids[i].tolist(), text
