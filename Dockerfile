@@ -20,7 +20,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 # torch first, pinned, in its own layer: the pin keeps the several GB of CUDA packages that an
-# unpinned resolve pulls out of the image (DESIGN §9), and the layer stays cached while the
+# unpinned resolve pulls out of the image (docs/machines.md), and the layer stays cached while the
 # code changes. Keep it equal to the pin in pyproject.toml (the test checks).
 RUN pip install torch==2.13.0
 
@@ -35,7 +35,7 @@ RUN pip install .
 FROM python:3.11-slim AS runtime
 
 # MALLOC_*: glibc would hand every freed multi-MB buffer back to the OS; raising both thresholds
-# keeps them in the process and makes loading safetensors blocks about 10x faster (DESIGN §9).
+# keeps them in the process and makes loading safetensors blocks about 10x faster (docs/machines.md).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,4 +1,4 @@
-"""Fetch latency of a prompt's memory: a hierarchical bank against a flat one (DESIGN §1, §8).
+"""Fetch latency of a prompt's memory: a hierarchical bank against a flat one (docs/paper.md §5).
 
 The seed's headline systems claim (paper, Fig. 5): with level 1 on flash, level 2 on an external
 disk and level 3 in the cloud, loading a prompt's memory takes 38 ms, against 198 ms for a flat

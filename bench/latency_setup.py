@@ -22,7 +22,7 @@ from server.bank.push import push_bank
 from tiers import DeviceProfile, StoreConfig, open_tier
 from tiers.s3 import S3Tier
 
-PAPER_FETCH = 39e9 / 16 + 155e9 / 256 + 618e9 / 4096  # 3.194 GB: PAPER.md §4.3
+PAPER_FETCH = 39e9 / 16 + 155e9 / 256 + 618e9 / 4096  # 3.194 GB: docs/paper.md §5
 SEED = {"flash": "seed-flash", "disk": "seed-external-disk", "cloud": "seed-cloud"}
 BUCKET = "hmem-latency"
 S3_KEY_ID = S3_SECRET = "test"  # noqa: S105 (moto's dummy credentials)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from server.build.corpus import load_corpus, split_windows
-from server.router import HashedTfidfEmbedder, cluster_hierarchically
+from server.routing import HashedTfidfEmbedder, cluster_hierarchically
+from server.training.corpus import load_corpus, split_windows
 
 
 def agreement(

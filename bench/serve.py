@@ -1,6 +1,6 @@
 """Serving: time to first token and decode rate with memory against anchor-only, concurrent
 heterogeneous load against one stream at a time, and our decoding against Hugging Face
-`transformers` generation of the same weights (DESIGN §8).
+`transformers` generation of the same weights (docs/results.md).
 
 The real app (`create_app`, its lifespan, the engine's model thread) is served by uvicorn in a
 background thread on a loopback port, or `--url` names a running server (in its own process);

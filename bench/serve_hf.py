@@ -19,12 +19,12 @@ import torch
 
 from bench.serve_client import Variant, interleave, median, request, stream
 from server.bank.reader import Bank
-from server.build.evaluate import greedy_decode
+from server.engine.engine import Engine, TokenEvent
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine, TokenEvent
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
 from server.tokenizer import AnchorTokenizer
+from server.training.evaluate import greedy_decode
 
 
 class TokenClock:

@@ -9,15 +9,23 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from server.bank.manifest import BankManifest
-from server.build.demo import data_dir as default_data_dir
 from server.settings import Settings
 from tiers import StoreConfig
 
 DEMO_BANK = Path(__file__).resolve().parent / "demo_bank"
+
+
+def default_data_dir() -> Path:
+    """$HMEM_DATA_DIR, else $XDG_DATA_HOME/hmem, else ~/.local/share/hmem."""
+    if env := os.environ.get("HMEM_DATA_DIR"):
+        return Path(env)
+    xdg = os.environ.get("XDG_DATA_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "hmem"
 
 
 def data_dir(settings: Settings) -> Path:

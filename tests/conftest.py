@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import pytest
 from moto.server import ThreadedMotoServer
 
+# A run of the whole suite fails if any test file contributes no test (tests/collection_guard.py).
+from tests.collection_guard import pytest_collection_modifyitems  # noqa: F401
+
 S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret"}
 
 

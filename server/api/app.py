@@ -37,7 +37,7 @@ from server.api.metrics import ServerMetrics
 from server.api.schemas import ClusterRequest, CompletionRequest, PathRequest, RouteRequest
 from server.engine.blocklist import BlocklistError
 from server.engine.memory import BlockReport, MemoryRequestError
-from server.engine.runtime import Runtime
+from server.runtime import Runtime
 from server.settings import KeyPolicy, Settings
 
 _MAX_BODY = 4 << 20  # bytes: a request body larger than this is refused (413)

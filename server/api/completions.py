@@ -25,15 +25,7 @@ from starlette.responses import Response
 from server.api.errors import APIError
 from server.api.metrics import ServerMetrics
 from server.api.schemas import CompletionRequest
-from server.engine.memory import (
-    MemoryForbiddenError,
-    MemoryRequest,
-    MemoryRequestError,
-    ResolvedMemory,
-)
-from server.engine.runtime import Runtime
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import (
+from server.engine.engine import (
     EndEvent,
     EngineClosedError,
     EngineOverloadedError,
@@ -41,7 +33,15 @@ from server.engine.scheduler import (
     PromptEvent,
     TokenEvent,
 )
+from server.engine.memory import (
+    MemoryForbiddenError,
+    MemoryRequest,
+    MemoryRequestError,
+    ResolvedMemory,
+)
+from server.engine.sampling import SamplingParams
 from server.engine.text import TextStream, token_strings
+from server.runtime import Runtime
 from server.settings import KeyPolicy
 
 _DISCONNECT_POLL_S = 0.25

@@ -1,7 +1,7 @@
 """Request bodies of the HTTP API, validated strictly: a wrong type is a 400, never coerced.
 
 `CompletionRequest` is OpenAI's legacy completion request plus the `memory` extension of
-DESIGN §6. Fields OpenAI defines that this server cannot honour (penalties, `logit_bias`,
+`docs/serving.md`. Fields OpenAI defines that this server cannot honour (penalties, `logit_bias`,
 `suffix`, `best_of` other than `n`) are accepted only at their neutral values and refused
 otherwise, so a client never silently gets something other than what it asked for.
 """

@@ -18,7 +18,7 @@ from server.bank.layout import BankDType, ModelShape, Shape, zeroed_tensor_names
 from server.bank.manifest import BankManifest
 from server.bank.writer import BankWriter
 from server.model.memory import MemoryBlock, MemoryType, block_from_tensors
-from server.router import HashedTfidfEmbedder
+from server.routing import HashedTfidfEmbedder
 
 TINY_MODEL = ModelShape(
     n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, intermediate_size=64

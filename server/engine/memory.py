@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from server.engine.blocklist import Blocklist
 from server.model.memory import MemoryBlock
-from server.router.tree import Router
+from server.routing.tree import Router
 from server.settings import KeyPolicy, MemoryMode
 from tiers import TieredStore
 from tiers.errors import BlockNotFoundError, FetchTimeoutError

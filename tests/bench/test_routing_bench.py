@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.build.synth import generate_corpus
+from server.training.synth import generate_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -70,8 +70,24 @@ def test_every_command_group_is_registered(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("build", "bank", "tiers", "serve"):
+    for command in ("build", "synth", "eval", "demo", "bank", "tiers", "serve"):
         assert command in out
+
+
+def test_build_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cluster tree depth (default: 2)" in out
+    assert "--anchor-size {" in out
+
+
+def test_a_training_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["build", "--corpus", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "b")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hmem: error: ")
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ routed with the squared-IDF embedder whose figures docs/results.md reports."""
 from __future__ import annotations
 
 from server.bank import Bank
-from server.build.demo import DEMO_BUILD
 from server.defaults import DEMO_BANK
+from server.training.demo import DEMO_BUILD
 
 
 def test_the_packaged_demo_bank_is_whole_and_verified() -> None:

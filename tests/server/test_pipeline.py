@@ -14,7 +14,7 @@ from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor, save_anchor
 from server.model.memory import MemoryBlock, MemoryType
 from server.model.memory_batch import build_memory_batch
-from server.router import Router
+from server.routing import Router
 from tests.server.model.conftest import anchor
 from tiers import BlockKey, StoreConfig, TieredStore, build_store
 

@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.bank import Bank
-from server.build.pipeline import build_bank
 from server.settings import Settings, load_settings
+from server.training.pipeline import build_bank
 from tests.conftest import S3_CREDENTIALS, S3Server, free_port
-from tests.server.build.test_build import tiny
+from tests.server.training.test_build import tiny
 
 
 def _metric(text: str, name: str, **labels: str) -> float:

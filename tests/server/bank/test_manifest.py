@@ -211,7 +211,8 @@ def test_fetch_bytes_sums_the_levels_of_a_path() -> None:
 
 
 def test_paper_config_fetch_and_bank_size() -> None:
-    # OpenLM-160M with (256, 64, 16, 0), branching 16: 18.1M fetched, a 4.6B bank (PAPER.md).
+    # OpenLM-160M with (256, 64, 16, 0), branching 16: 18.1M fetched, a 4.6B bank
+    # (docs/paper.md §4).
     shape = ModelShape(
         n_layers=35, d_model=512, n_heads=12, n_kv_heads=12, head_dim=32, intermediate_size=2048
     )

@@ -29,7 +29,7 @@ from server.engine.memory import (
     MemoryResolver,
 )
 from server.model.memory import MemoryBlock
-from server.router.tree import Router
+from server.routing.tree import Router
 from server.settings import KeyPolicy
 from tiers import BlockKey, StoreConfig, TieredStore, build_store
 

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import pytest
 from tokenizers import Tokenizer
 
-from server.build.tokenizer import byte_tokenizer
 from server.engine.text import REPLACEMENT, TextStream, token_strings
+from server.training.tokenizer import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ Each batch holds documents of many cluster paths, every document with its own pa
 heterogeneous batch); a document uses the generic memory instead with probability 1/(k+1)
 (k = branching), as in the paper. Anchor first, then memories at a lower anchor learning rate:
 co-training from scratch lets the anchor hand every fact to the memories, and the anchor alone
-stops being a fair baseline (LONGTAIL-NOTES, point 5). AdamW (0.9, 0.95), warm-up then cosine
+stops being a fair baseline (`docs/longtail.md`, finding 5). AdamW (0.9, 0.95), warm-up then cosine
 decay, gradient clipping. Training state is saved as safetensors + JSON (never pickle) so an
 interrupted build resumes where it stopped.
 """
@@ -23,10 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
-from server.build.memory_params import MemoryParams
-from server.build.tokenizer import PAD_ID
 from server.model.anchor import Anchor
 from server.model.memory_batch import MemoryBatch, build_memory_batch
+from server.training.memory_params import MemoryParams
+from server.training.tokenizer import PAD_ID
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,8 +5,8 @@ banks), then walked greedily down a tree of nested cluster centroids; the chosen
 level is its cluster path, whose memory blocks the engine fetches.
 """
 
-from server.router.embedders import Embedder, HashedTfidfEmbedder, load_embedder
-from server.router.errors import (
+from server.routing.embedders import Embedder, HashedTfidfEmbedder, load_embedder
+from server.routing.errors import (
     CentroidTreeError,
     EmbedderFilesMissingError,
     EmbedderMismatchError,
@@ -14,9 +14,13 @@ from server.router.errors import (
     RouterFileError,
     RouterFileNotFoundError,
 )
-from server.router.kmeans import HierarchicalClustering, cluster_hierarchically, hierarchical_kmeans
-from server.router.minilm import MINILM_DIM, MINILM_NAME, MiniLMEmbedder
-from server.router.tree import CentroidTree, Router, RouteResult
+from server.routing.kmeans import (
+    HierarchicalClustering,
+    cluster_hierarchically,
+    hierarchical_kmeans,
+)
+from server.routing.minilm import MINILM_DIM, MINILM_NAME, MiniLMEmbedder
+from server.routing.tree import CentroidTree, Router, RouteResult
 
 __all__ = [
     "MINILM_DIM",

@@ -1,7 +1,8 @@
 """Every memory block of a bank under training, as parameters: one `Parameter` per block tensor.
 
 One parameter per block (not one tensor per level) keeps updates sparse: a block off every path
-of a batch gets no gradient, so AdamW neither moves it nor decays it (LONGTAIL-NOTES, point 8).
+of a batch gets no gradient, so AdamW neither moves it nor decays it (`docs/longtail.md`,
+finding 8).
 Blocks start as a fresh memory does: small random values, with the output side (FFN `down`,
 LoRA `b`, KV `v`) at zero, so an untrained memory leaves the anchor unchanged.
 """

@@ -16,9 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.build.evaluate import greedy_decode
-from server.engine.sampling import SamplingParams
-from server.engine.scheduler import (
+from server.engine.engine import (
     EndEvent,
     Engine,
     EngineClosedError,
@@ -28,10 +26,12 @@ from server.engine.scheduler import (
     PromptEvent,
     TokenEvent,
 )
+from server.engine.sampling import SamplingParams
 from server.model.anchor import Anchor
 from server.model.config import PRESETS
 from server.model.memory import FFNBlock, MemoryBlock
 from server.model.memory_batch import build_memory_batch
+from server.training.evaluate import greedy_decode
 
 # Long enough that a sequence asked for thousands of tokens is still running while a test looks.
 CFG = replace(PRESETS["test"], max_seq_len=4096)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.router import CentroidTree, cluster_hierarchically, hierarchical_kmeans
+from server.routing import CentroidTree, cluster_hierarchically, hierarchical_kmeans
 
 
 def _nested_clusters(

@@ -6,9 +6,9 @@ weights) are stored in router.safetensors under "embedder."; `load_embedder` reb
 embedder from both and refuses anything that does not match.
 
 Two kinds exist:
-- "minilm": all-MiniLM-L6-v2, the paper's Sentence-BERT (`server.router.minilm`).
+- "minilm": all-MiniLM-L6-v2, the paper's Sentence-BERT (`server.routing.minilm`).
 - "hashed-tfidf": exact sparse hashed TF-IDF, fast and dependency-light, for tests and tiny banks.
-  A calibration run (LONGTAIL-NOTES, point 2) found that it keeps entity names sharp: with
+  A calibration run (`docs/longtail.md`, finding 2) found that it keeps entity names sharp: with
   spherical k-means it routed rare-entity queries to the right leaf 98-100% of the time. The IDF
   is raised to `idf_power` (2 by default): a leaf centroid averages ~30 documents, so a rare
   name's share of it is small while a phrase every fact shares ("the atomic number of") is not;
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.router.errors import EmbedderMismatchError
-from server.router.minilm import MiniLMEmbedder
+from server.routing.errors import EmbedderMismatchError
+from server.routing.minilm import MiniLMEmbedder
 
 _WORD = re.compile(r"\w+")
 # Texts without a single word token still get a unit-norm row: they embed as this one gram,

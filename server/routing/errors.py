@@ -9,7 +9,7 @@ from __future__ import annotations
 
 
 class RouterError(Exception):
-    """Base class of every error raised by `server.router`."""
+    """Base class of every error raised by `server.routing`."""
 
 
 class EmbedderMismatchError(RouterError, ValueError):

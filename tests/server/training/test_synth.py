@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.build.synth import (
+from server.training.synth import (
     CORPUS_FILE,
     ELEMENTS,
     FACTS_FILE,

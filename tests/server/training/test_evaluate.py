@@ -16,7 +16,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from server.bank import Bank, BankWriter, ModelShape, write_random_bank
 from server.bank.random_bank import DEFAULT_EMBEDDER, random_centroids
-from server.build.evaluate import (
+from server.model.anchor import Anchor
+from server.model.checkpoint import load_anchor, save_anchor
+from server.model.config import AnchorConfig
+from server.model.memory import MemoryBlock, MemoryType, block_from_tensors
+from server.model.memory_batch import build_memory_batch
+from server.routing import HashedTfidfEmbedder, Router
+from server.tokenizer import AnchorTokenizer
+from server.training.evaluate import (
     MODES,
     EvalReport,
     Tally,
@@ -25,14 +32,7 @@ from server.build.evaluate import (
     greedy_decode,
     score,
 )
-from server.build.synth import Fact, generate_corpus
-from server.model.anchor import Anchor
-from server.model.checkpoint import load_anchor, save_anchor
-from server.model.config import AnchorConfig
-from server.model.memory import MemoryBlock, MemoryType, block_from_tensors
-from server.model.memory_batch import build_memory_batch
-from server.router import HashedTfidfEmbedder, Router
-from server.tokenizer import AnchorTokenizer
+from server.training.synth import Fact, generate_corpus
 from tiers.keys import BlockKey
 
 SPECIALS = ["<pad>", "<s>", "</s>"]

@@ -9,7 +9,7 @@ ranking, plus general filler text so the router's clusters form beyond the fact 
 
 Every fact document states its fact in exactly the queried form ("The atomic number of Iron is
 26."), since facts never seen in the queried form are almost never answered at this scale
-(shared/LONGTAIL-NOTES.md, point 6), next to one or two sentences of family context drawn from
+(`docs/longtail.md`, finding 6), next to one or two sentences of family context drawn from
 templates; some hold two facts of one family. The corpus and its facts are deterministic per seed.
 
 Default sizes (seed 0): 118 elements and 80 entities in each invented family (278 facts);

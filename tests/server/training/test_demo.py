@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.bank import Bank
-from server.build.demo import build_demo, data_dir
+from server.training.demo import build_demo
 
 
 @pytest.mark.slow
@@ -17,11 +17,3 @@ def test_demo_writes_corpus_bank_and_report(tmp_path: Path) -> None:
     assert Bank.open(tmp_path / "demo-bank").manifest.bank_id == "demo"
     assert result.report.tally("memory").total == 718
     assert "### element (118 facts)" in result.report.table()
-
-
-def test_data_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HMEM_DATA_DIR", str(tmp_path / "d"))
-    assert data_dir() == tmp_path / "d"
-    monkeypatch.delenv("HMEM_DATA_DIR")
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "x"))
-    assert data_dir() == tmp_path / "x" / "hmem"

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from server.bank import Bank
 from server.bank.router_file import ROUTER_NAME
 from server.defaults import DEMO_BANK
-from server.router import (
+from server.routing import (
     CentroidTree,
     CentroidTreeError,
     EmbedderMismatchError,

@@ -11,16 +11,16 @@ import torch
 
 from server.bank import Bank
 from server.bank.layout import ModelShape
-from server.build.memory_params import MemoryParams
-from server.build.pipeline import BuildSettings, build_bank
-from server.build.tokenizer import byte_tokenizer
-from server.build.train import Sequences, StageSettings, Trainer
 from server.cli import main
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor, save_anchor
 from server.model.memory import MemoryType
 from server.model.memory_batch import build_memory_batch
-from server.router import Router
+from server.routing import Router
+from server.training.memory_params import MemoryParams
+from server.training.pipeline import BuildSettings, build_bank
+from server.training.tokenizer import byte_tokenizer
+from server.training.train import Sequences, StageSettings, Trainer
 from tests.server.model.conftest import anchor
 
 TOPICS = [

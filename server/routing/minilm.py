@@ -26,7 +26,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from server.router.errors import EmbedderFilesMissingError, EmbedderMismatchError
+from server.routing.errors import EmbedderFilesMissingError, EmbedderMismatchError
 
 MINILM_NAME = "all-MiniLM-L6-v2"
 MINILM_DIM = 384

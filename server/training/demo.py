@@ -7,13 +7,13 @@ ones whose figures `docs/results.md` reports, so anyone can reproduce them.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.build.evaluate import EvalReport, evaluate
-from server.build.pipeline import BuildSettings, BuildSummary, build_bank
-from server.build.synth import generate_corpus
+from server.defaults import default_data_dir
+from server.training.evaluate import EvalReport, evaluate
+from server.training.pipeline import BuildSettings, BuildSummary, build_bank
+from server.training.synth import generate_corpus
 
 # The corpus: 118 elements + 2 x 300 invented entities, Zipf mentions, 800 filler documents.
 DEMO_CORPUS = {"seed": 0, "invented_entities": 300, "filler_docs": 800}
@@ -35,14 +35,6 @@ DEMO_BUILD = {
 }
 
 
-def data_dir() -> Path:
-    """$HMEM_DATA_DIR, else $XDG_DATA_HOME/hmem, else ~/.local/share/hmem."""
-    if env := os.environ.get("HMEM_DATA_DIR"):
-        return Path(env)
-    xdg = os.environ.get("XDG_DATA_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".local" / "share") / "hmem"
-
-
 @dataclass
 class DemoResult:
     bank: Path
@@ -61,7 +53,7 @@ def build_demo(
 
     `overrides` replace build settings (tests use fewer steps); the demo itself uses none.
     """
-    root = data_dir() if root is None else root
+    root = default_data_dir() if root is None else root
     corpus_dir = root / "demo-corpus"
     generate_corpus(**DEMO_CORPUS).write(corpus_dir)  # type: ignore[arg-type]
     settings = BuildSettings(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.router import EmbedderMismatchError, HashedTfidfEmbedder, load_embedder
+from server.routing import EmbedderMismatchError, HashedTfidfEmbedder, load_embedder
 
 TEXTS = ["The atomic number of Iron is 26.", "Einsteinium was found in 1952 debris.", "", "?!"]
 ELEMENTS = {
@@ -44,7 +44,7 @@ def _corpus() -> list[str]:
 def test_same_embedding_in_another_process() -> None:
     script = (
         "import json, sys\n"
-        "from server.router import HashedTfidfEmbedder\n"
+        "from server.routing import HashedTfidfEmbedder\n"
         "e = HashedTfidfEmbedder(dim=4096, seed=7).embed(json.loads(sys.argv[1]))\n"
         "print(json.dumps(e.tolist()))\n"
     )

@@ -24,16 +24,16 @@ from tqdm import tqdm
 
 from server.bank.layout import ModelShape
 from server.bank.writer import BankWriter
-from server.build.corpus import CorpusError, load_corpus, split_windows
-from server.build.memory_params import MemoryParams
-from server.build.tokenizer import BOS_ID, EOS_ID, byte_tokenizer
-from server.build.train import Sequences, StageSettings, Trainer
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor, save_anchor
 from server.model.config import AnchorConfig
 from server.model.memory import LORA_TARGETS, MemoryType
-from server.router import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
-from server.router.embedders import Embedder
+from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
+from server.routing.embedders import Embedder
+from server.training.corpus import CorpusError, load_corpus, split_windows
+from server.training.memory_params import MemoryParams
+from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer
+from server.training.train import Sequences, StageSettings, Trainer
 
 # Anchors hmem trains from scratch: (d_model, n_layers, n_heads, n_kv_heads, intermediate_size).
 ANCHOR_SIZES: dict[str, tuple[int, int, int, int, int]] = {

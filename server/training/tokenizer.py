@@ -2,7 +2,7 @@
 
 Bytes, not a BPE trained on the corpus: a small corpus's BPE makes every entity name a token of
 its own, a private embedding row that stores the entity's facts inside the anchor and hides what
-memories add (shared/LONGTAIL-NOTES.md, point 3). With bytes, facts live in shared weights.
+memories add (`docs/longtail.md`, finding 3). With bytes, facts live in shared weights.
 Written as a `tokenizer.json` that `tokenizers` and `transformers` read.
 """
 

@@ -27,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from server.router.embedders import Embedder, SparseEmbedder, load_embedder
-from server.router.errors import CentroidTreeError, RouterFileError, RouterFileNotFoundError
+from server.routing.embedders import Embedder, SparseEmbedder, load_embedder
+from server.routing.errors import CentroidTreeError, RouterFileError, RouterFileNotFoundError
 
 CENTROIDS_PREFIX = "centroids.L"
 EMBEDDER_PREFIX = "embedder."

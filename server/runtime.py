@@ -24,15 +24,15 @@ from server.bank.reader import Bank
 from server.bank.router_file import ROUTER_NAME
 from server.defaults import bank_dir, blocklist_file, store_config
 from server.engine.blocklist import Blocklist
+from server.engine.engine import Engine
 from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
-from server.engine.scheduler import Engine
 from server.engine.threads import cpu_executor, single_threaded_torch
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
 from server.model.errors import ModelError
 from server.model.memory import MemoryBlock
-from server.router.tree import Router
+from server.routing.tree import Router
 from server.settings import Settings
 from server.tokenizer import AnchorTokenizer
 from tiers import S3Tier, StoreMetrics, TieredStore, TierError, build_store

@@ -4,7 +4,7 @@ The paper's probe: prompt with a fact's query ("The atomic number of Iron is"), 
 and count the fact known when the continuation starts with the answer (" 26"). Each fact is asked
 in three modes: "memory" (the blocks of the query's routed cluster path, as the server fetches
 them), "generic" (the context-free generic memory of every level) and "anchor" (no memory at
-all), and accuracy is reported per mode, family and frequency bucket (`server.build.synth`): the
+all), and accuracy is reported per mode, family and frequency bucket (`server.training.synth`): the
 gap between "memory" and "anchor" on the rare buckets is the effect the memories exist for.
 
 Queries are decoded in batches (right-padded prompts, a KV cache, each sequence with its own
@@ -23,13 +23,13 @@ import torch
 from tqdm import tqdm
 
 from server.bank.reader import Bank
-from server.build.synth import N_BUCKETS, Fact, load_facts
 from server.model.anchor import Anchor, KVCache
 from server.model.checkpoint import load_anchor
 from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
-from server.router.tree import Router
+from server.routing.tree import Router
 from server.tokenizer import AnchorTokenizer
+from server.training.synth import N_BUCKETS, Fact, load_facts
 from tiers.keys import BlockKey
 
 MODES = ("memory", "anchor", "generic")

@@ -6,7 +6,8 @@ clusters of a level are split at once: their points are packed into a padded
 [clusters, max points, dim] batch and every step (k-means++ seeding, distances, assignment,
 centroid update) runs batched over it.
 
-Choices, as the paper and LONGTAIL-NOTES (point 2) suggest:
+Choices, as the paper (`docs/paper.md` §3) and the calibration run (`docs/longtail.md`, finding 2)
+suggest:
 - **Spherical** (default): points are L2-normalised and centroids renormalised after every
   update, so nearest-L2 routing equals highest cosine. Plain centroids routed rare names badly.
 - **Greedy k-means++** seeding from a seeded `torch.Generator`: deterministic per seed.
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from server.router.tree import CentroidTree
+from server.routing.tree import CentroidTree
 
 _PERTURBATION = 1e-3
 

