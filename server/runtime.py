@@ -84,7 +84,13 @@ class Runtime:
             model = await loop.run_in_executor(
                 executor, partial(load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device)
             )
-            tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
+            tokenizer = AnchorTokenizer.from_dir(
+                bank.anchor_dir,
+                model.config,
+                chat_template=None
+                if settings.chat_template is None
+                else settings.chat_template.read_text(encoding="utf-8"),
+            )
             generic = {
                 level: block
                 for level in m.memory_levels()

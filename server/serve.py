@@ -18,6 +18,11 @@ from server.bank.reader import Bank
 from server.defaults import bank_dir
 from server.settings import load_settings
 
+# Flags that set the setting of the same name.
+SETTING_FLAGS = (
+    "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
+)  # fmt: skip
+
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = commands.add_parser(
@@ -35,15 +40,19 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     s.add_argument("--device", choices=["cpu", "cuda"])
     s.add_argument("--dtype", choices=["float32", "bfloat16"])
     s.add_argument("--cloud-endpoint", metavar="URL", help="S3 endpoint for the deepest level")
+    s.add_argument(
+        "--chat-template",
+        type=Path,
+        metavar="FILE",
+        help="Jinja2 chat template for chat prompts, replacing the model's own",
+    )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
-        name: value
-        for name in ("bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint")
-        if (value := getattr(args, name)) is not None
+        name: value for name in SETTING_FLAGS if (value := getattr(args, name)) is not None
     }
     settings = load_settings(args.config, **overrides)
     Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line, before uvicorn

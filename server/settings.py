@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from server.chat_template import ChatTemplate
 from tiers import StoreConfig
 from tiers.errors import ConfigError
 
@@ -78,6 +79,9 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1, le=256, description="the model thread's torch threads; None: torch's default"
     )
+    chat_template: Path | None = Field(
+        None, description="Jinja2 chat template file; None: the anchor's own (tokenizer_config)"
+    )
 
     # Access.
     api_keys: dict[Annotated[str, Field(min_length=8)], KeyPolicy] = Field(
@@ -89,6 +93,20 @@ class Settings(BaseSettings):
     blocklist_file: Path | None = Field(
         None, description="blocked clusters, persisted; None: blocklist.json in data_dir"
     )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template_parses(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        if not path.is_file():
+            raise ValueError(f"chat template file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"chat template file {path} cannot be read: {exc}") from None
+        ChatTemplate(text, origin=str(path))  # a syntax error: ChatTemplateError, a ValueError
+        return path
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

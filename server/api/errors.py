@@ -3,9 +3,11 @@
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens",
                "code": "invalid_value"}}
 
-Handlers turn request-validation errors, HTTP errors and anything unexpected into that shape. An
-unexpected exception is logged with its traceback and answered with a fixed message: its text
-may hold a file path or a credential, so it never reaches the client.
+Handlers turn request-validation errors, HTTP errors, the errors of the layers below (a request
+the generator cannot serve, a memory request the key may not make, a full queue, a shutdown, a
+chat template that fails) and anything unexpected into that shape, in one place. An unexpected
+exception is logged with its traceback and answered with a fixed message: its text may hold a
+file path or a credential, so it never reaches the client.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.engine.engine import EngineClosedError, EngineOverloadedError
+from server.engine.generation import RequestError, UnknownModelError
+from server.engine.memory import MemoryForbiddenError, MemoryRequestError
+from server.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +103,52 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return "; ".join(msgs), first
 
 
+_NOT_AN_OBJECT = frozenset({"model_attributes_type", "dict_type", "model_type"})
+
+
+def _body_message(errors: list[Any]) -> str | None:
+    """A whole-body problem (not JSON, not an object) in words, or None for field errors."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', 'decode error')}"
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") in _NOT_AN_OBJECT:
+        return "the body must be a JSON object"
+    return None
+
+
+def to_api_error(exc: Exception) -> APIError:
+    """The HTTP answer to an error of the layers below the API."""
+    if isinstance(exc, UnknownModelError):
+        return APIError(404, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, RequestError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, MemoryForbiddenError):
+        return APIError(403, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, MemoryRequestError):
+        return APIError(400, str(exc), param=exc.param, code=exc.code)
+    if isinstance(exc, ChatTemplateError):
+        return APIError(400, str(exc), param="messages", code="chat_template")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(
+            429,
+            "the server is at capacity; retry after the time in Retry-After",
+            code="server_overloaded",
+            headers={"Retry-After": str(round(exc.retry_after_s))},
+        )
+    if isinstance(exc, EngineClosedError):
+        return APIError(503, "the server is shutting down", code="shutting_down")
+    raise TypeError(f"no HTTP mapping for {type(exc).__name__}")
+
+
+DOMAIN_ERRORS: tuple[type[Exception], ...] = (
+    RequestError,
+    MemoryRequestError,
+    ChatTemplateError,
+    EngineOverloadedError,
+    EngineClosedError,
+)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that answer every error in the OpenAI shape."""
 
@@ -103,9 +156,19 @@ def install(app: FastAPI) -> None:
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        return to_api_error(exc).response()
+
+    for kind in DOMAIN_ERRORS:
+        app.add_exception_handler(kind, _domain)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = validation_message(list(exc.errors()))
+        errors = list(exc.errors())
+        whole = _body_message(errors)
+        if whole is not None:
+            return JSONResponse(error_body(400, whole, code="invalid_json"), status_code=400)
+        message, param = validation_message(errors)
         return JSONResponse(
             error_body(400, message, param=param, code="invalid_request"), status_code=400
         )
@@ -113,6 +176,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the body is not valid JSON (or not UTF-8)"
         if exc.status_code == 404:
             message = f"no route {request.method} {request.url.path}"
         return JSONResponse(

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 ANCHOR_DIR = "anchor"
 ANCHOR_REQUIRED = ("config.json", "model.safetensors")
-ANCHOR_FILES = (*ANCHOR_REQUIRED, "tokenizer.json")
+# Copied when present: the tokenizer, and its Hugging Face config and chat template.
+ANCHOR_FILES = (*ANCHOR_REQUIRED, "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 BLOCKS_DIR = "blocks"
 GENERIC_DIR = "generic"
 SUFFIX = ".safetensors"

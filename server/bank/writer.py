@@ -158,7 +158,7 @@ class BankWriter:
         self._router_written = True
 
     def copy_anchor(self, src_dir: str | Path) -> None:
-        """Copy the anchor's config.json and model.safetensors (and tokenizer.json if present)."""
+        """Copy the anchor's config.json and model.safetensors, and its tokenizer files."""
         self._check_open()
         src = Path(src_dir)
         for name in ANCHOR_REQUIRED:

@@ -12,6 +12,13 @@ a condition variable, and the model thread hands each event to the sequence's as
 `call_soon_threadsafe`. Token ids, not text: detokenising and stop strings are the caller's job
 (`server.engine.text`); a caller that has seen a stop string cancels, which frees the slot at the
 next step.
+
+No sequence can fail another. Rows of a batch are computed independently, so a sequence whose
+logits are not finite (a corrupt memory block) or cannot be sampled is ended alone with an
+`EndEvent("error", message)` (the `Sampler` names its rows); one whose blocks make the batched
+forward raise is found by running the batch's rows alone, once, and is ended alone. A failed
+sequence's cache row is zeroed before the next sequence gets it, since attention multiplies
+even masked values, and 0 * NaN is NaN.
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -91,6 +99,7 @@ class Generation:
     last: int = 0
     generator: torch.Generator | None = None
     ended: bool = False
+    failed: bool = False  # ended with an error: its cache row may hold NaN
 
     def cancel(self) -> None:
         """Stop generating (a client left, or a stop string was seen); idempotent."""
@@ -122,6 +131,7 @@ class EngineStats:
     steps: int
     tokens: int
     cancelled: int  # sequences ended because their caller cancelled (a client left, a stop)
+    errors: int  # sequences ended with an error (the rest of their batch went on)
 
 
 class Engine:
@@ -163,6 +173,7 @@ class Engine:
         self._steps = 0
         self._tokens = 0
         self._cancelled = 0
+        self._errors = 0
         self._step_s = 0.05  # EWMA of one decode step: the basis of Retry-After
 
     # -- the event-loop side --------------------------------------------------------------------
@@ -212,6 +223,7 @@ class Engine:
                 steps=self._steps,
                 tokens=self._tokens,
                 cancelled=self._cancelled,
+                errors=self._errors,
             )
 
     async def close(self) -> None:
@@ -239,32 +251,48 @@ class Engine:
                     admitted = [
                         self._pending.popleft() for _ in range(min(room, len(self._pending)))
                     ]
-                admitted = [g for g in admitted if not self._end_if_cancelled(g)]
                 try:
-                    if admitted:
-                        self._prefill(admitted)
-                    self._retire()
-                    if self._active:
-                        self._decode()
-                    self._retire()
-                except Exception as exc:  # a bug or an OOM: fail the live sequences, keep serving
+                    self._step(admitted)
+                except Exception as exc:  # a bug: fail the live sequences, keep serving
                     log.exception("model step failed")
-                    for g in [*self._active, *admitted]:
-                        self._end(g, "error", f"generation failed: {type(exc).__name__}")
-                    with self._cv:
-                        self._active = []
-                    self._memory_dirty = True
+                    self._fail_all([*self._active, *admitted], exc)
         with self._cv:
             leftover = [*self._active, *self._pending]
             self._active, self._pending = [], deque()
         for g in leftover:
             self._end(g, "cancelled")
 
+    def _step(self, admitted: list[Generation]) -> None:
+        admitted = [g for g in admitted if not self._end_if_cancelled(g)]
+        if admitted:
+            self._prefill(admitted)
+        self._retire()
+        if self._active:
+            self._decode()
+        self._retire()
+
+    def _fail_all(self, gens: list[Generation], exc: Exception) -> None:
+        for g in gens:
+            self._end(g, "error", _failure(exc))
+        with self._cv:
+            self._active = []
+        self._memory_dirty = True
+        # Which rows the failure left NaN in is unknown: none is trusted by its next sequence.
+        try:
+            self.cache.k.zero_()
+            self.cache.v.zero_()
+        except Exception:  # a broken device: the next step will say so to its own sequences
+            log.exception("clearing the KV cache failed")
+
     def _end(self, g: Generation, reason: FinishReason, error: str | None = None) -> None:
         if not g.ended:
             g.ended = True
             if reason == "cancelled":
                 self._cancelled += 1
+            elif reason == "error":
+                self._errors += 1
+                g.failed = True
+                log.warning("a sequence ended with an error: %s", error)
             g._send(EndEvent(reason, error))
 
     def _end_if_cancelled(self, g: Generation) -> bool:
@@ -281,28 +309,48 @@ class Engine:
         return self._memory
 
     def _prefill(self, new: list[Generation]) -> None:
-        start = len(self._active)
+        start, k = len(self._active), len(new)
         T = max(len(g.prompt) for g in new)
-        tokens = torch.zeros(len(new), T, dtype=torch.long)
+        tokens = torch.zeros(k, T, dtype=torch.long)
         for i, g in enumerate(new):
             tokens[i, : len(g.prompt)] = torch.tensor(g.prompt)
             g.generator = make_generator(g.params.seed, self.device)
-        tokens = tokens.to(self.device)
-        positions = torch.arange(T, device=self.device).expand(len(new), T)
-        memory = build_memory_batch([g.memory for g in new], dtype=self.dtype, device=self.device)
-        cache = self.cache.rows(start, start + len(new))
-        logits = self.model(tokens, positions=positions, cache=cache, memory=memory)  # [k, T, V]
-        lengths = torch.tensor([len(g.prompt) for g in new], device=self.device)
-        last = logits[torch.arange(len(new), device=self.device), lengths - 1]  # [k, V]
-        for i, g in enumerate(new):
             g.position = len(g.prompt)
-            if g.params.echo and g.params.logprobs is not None:
-                lp = prompt_logprobs(logits[i, : len(g.prompt)], g.prompt, g.params.logprobs)
-                g._send(PromptEvent(lp))
+        tokens = tokens.to(self.device)
+        positions = torch.arange(T, device=self.device).expand(k, T)
+        self._memory_dirty = True
+
+        def forward(lo: int, hi: int) -> Tensor:
+            memory = build_memory_batch(
+                [g.memory for g in new[lo:hi]], dtype=self.dtype, device=self.device
+            )
+            cache = self.cache.rows(start + lo, start + hi)
+            logits: Tensor = self.model(
+                tokens[lo:hi], positions=positions[lo:hi], cache=cache, memory=memory
+            )  # [hi - lo, T, V]
+            if start == 0 and hi - lo == k:
+                # An idle engine's prefill batch is the whole batch: its memory serves next.
+                self._memory, self._memory_dirty = memory, False
+            return logits
+
+        logits, errors = self._forward_isolating(k, forward)  # [k, T, V]
         with self._cv:
             self._active.extend(new)
-        # An idle engine's prefill batch is the whole batch: its memory serves the next step.
-        self._memory, self._memory_dirty = memory, start != 0
+        for g, error in zip(new, errors, strict=True):
+            if error is not None:
+                self._end(g, "error", error)
+        if logits is None:
+            return
+        for i, g in enumerate(new):
+            if not g.ended and g.params.echo and g.params.logprobs is not None:
+                try:
+                    lp = prompt_logprobs(logits[i, : len(g.prompt)], g.prompt, g.params.logprobs)
+                except ValueError as exc:  # logits not finite: the sampler would refuse them too
+                    self._end(g, "error", str(exc))
+                    continue
+                g._send(PromptEvent(lp))
+        lengths = torch.tensor([len(g.prompt) for g in new], device=self.device)
+        last = logits[torch.arange(k, device=self.device), lengths - 1]  # [k, V]
         self._emit(new, last)
 
     def _decode(self) -> None:
@@ -311,15 +359,64 @@ class Engine:
         n = len(live)
         tokens = torch.tensor([[g.last] for g in live], device=self.device)  # [n, 1]
         positions = torch.tensor([[g.position] for g in live], device=self.device)  # [n, 1]
-        memory = self._batch_memory()
-        logits = self.model(
-            tokens, positions=positions, cache=self.cache.rows(0, n), memory=memory
-        )  # [n, 1, V]
-        for g in live:
+
+        def forward(lo: int, hi: int) -> Tensor:
+            if hi - lo == n:
+                memory = self._batch_memory()
+            else:
+                memory = build_memory_batch(
+                    [g.memory for g in live[lo:hi]], dtype=self.dtype, device=self.device
+                )
+            logits: Tensor = self.model(
+                tokens[lo:hi],
+                positions=positions[lo:hi],
+                cache=self.cache.rows(lo, hi),
+                memory=memory,
+            )  # [hi - lo, 1, V]
+            return logits[:, 0]
+
+        logits, errors = self._forward_isolating(n, forward)  # [n, V]
+        for g, error in zip(live, errors, strict=True):
             g.position += 1
-        self._emit(live, logits[:, 0])
+            if error is not None:
+                self._end(g, "error", error)
+        if logits is not None:
+            self._emit(live, logits)
         self._steps += 1
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+
+    def _forward_isolating(
+        self, n: int, forward: Callable[[int, int], Tensor]
+    ) -> tuple[Tensor | None, list[str | None]]:
+        """`forward(lo, hi)` (the logits of rows lo..hi-1) over all n rows; per row if that raises.
+
+        Rows are computed independently, so one that runs alone gets the logits it would get in
+        the batch, and a sequence whose blocks break the batch (a malformed block, a mix of
+        memory types) is singled out. Returns the logits, NaN in failed rows (None when every
+        row failed), and each row's error.
+        """
+        try:
+            return forward(0, n), [None] * n
+        except Exception as exc:
+            log.exception("a forward pass of %d rows failed", n)
+            if n == 1:
+                return None, [_failure(exc)]
+        rows: list[Tensor | None] = []
+        errors: list[str | None] = []
+        for i in range(n):
+            try:
+                rows.append(forward(i, i + 1))
+                errors.append(None)
+            except Exception as exc:
+                log.exception("row %d of the failed forward pass fails alone", i)
+                rows.append(None)
+                errors.append(_failure(exc))
+        like = next((r for r in rows if r is not None), None)
+        if like is None:
+            return None, errors
+        return torch.cat(
+            [torch.full_like(like, math.nan) if r is None else r for r in rows]
+        ), errors
 
     def _emit(self, gens: list[Generation], logits: Tensor) -> None:
         """Sample each sequence's next token from logits [n, V] and send it."""
@@ -329,6 +426,9 @@ class Engine:
         eos = torch.isin(result.ids, self.eos).tolist() if self.eos.numel() else [False] * len(ids)
         for i, g in enumerate(gens):
             if g.ended or g.cancelled:
+                continue
+            if result.errors[i] is not None:
+                self._end(g, "error", result.errors[i])
                 continue
             if eos[i] and not g.params.ignore_eos:
                 self._end(g, "stop")
@@ -352,6 +452,8 @@ class Engine:
             if not g.ended:
                 i += 1
                 continue
+            if g.failed:
+                self._scrub_row(i)
             last = len(live) - 1
             if i != last:
                 self.cache.move_row(last, i, live[last].position)
@@ -361,3 +463,14 @@ class Engine:
             changed = True
         if changed:
             self._memory_dirty = True
+
+    def _scrub_row(self, row: int) -> None:
+        """Zero a cache row: whatever sequence gets it next attends over its stale positions."""
+        view = self.cache.rows(row, row + 1)
+        view.k.zero_()
+        view.v.zero_()
+
+
+def _failure(exc: Exception) -> str:
+    # The type only: the message may hold internals (shapes, paths) that are the log's business.
+    return f"generation failed: {type(exc).__name__}"

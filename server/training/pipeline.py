@@ -30,9 +30,10 @@ from server.model.config import AnchorConfig
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
 from server.routing.embedders import Embedder
+from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG
 from server.training.corpus import CorpusError, load_corpus, split_windows
 from server.training.memory_params import MemoryParams
-from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer
+from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer, write_byte_tokenizer
 from server.training.train import Sequences, StageSettings, Trainer
 
 # Anchors hmem trains from scratch: (d_model, n_layers, n_heads, n_kv_heads, intermediate_size).
@@ -278,7 +279,7 @@ def _export(
 ) -> None:
     anchor_dir = work / "anchor"
     save_anchor(model, anchor_dir)
-    tokenizer.save(str(anchor_dir / "tokenizer.json"))
+    _write_tokenizer(s, tokenizer, anchor_dir, model_max_length=model.config.max_seq_len)
     router_file = work / "router.safetensors"
     router.save(router_file)
     bank_id = s.bank_id or s.out.name
@@ -297,6 +298,19 @@ def _export(
                 writer.write_generic(level, block)
         writer.write_router(load_file(str(router_file)))
         writer.copy_anchor(anchor_dir)
+
+
+def _write_tokenizer(
+    s: BuildSettings, tokenizer: Tokenizer, anchor_dir: Path, *, model_max_length: int
+) -> None:
+    """The anchor's tokenizer files: hmem's byte-level ones, or an existing checkpoint's own."""
+    if s.anchor_dir is None:
+        write_byte_tokenizer(anchor_dir, model_max_length=model_max_length)
+        return
+    tokenizer.save(str(anchor_dir / TOKENIZER))
+    for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE):
+        if (s.anchor_dir / name).is_file():
+            shutil.copyfile(s.anchor_dir / name, anchor_dir / name)
 
 
 __all__ = ["ANCHOR_SIZES", "BuildError", "BuildSettings", "BuildSummary", "build_bank"]

@@ -5,24 +5,20 @@ disconnects)."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
+import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from server.api.app import create_app
 from server.bank import Bank, write_random_bank
 from server.bank.layout import ModelShape
 from server.bank.push import push_bank
 from server.defaults import DEMO_BANK
 from server.settings import Settings, load_settings
-from tests.conftest import S3_CREDENTIALS, S3Server, free_port
+from tests.conftest import S3_CREDENTIALS, S3Server
+from tests.server.api.live import live
 from tiers import StoreConfig, open_tier
 
 # The demo anchor's shape: a random bank with this shape can use the demo bank's anchor.
@@ -108,34 +104,8 @@ def three_tier_settings(tmp_path: Path, s3_server: S3Server, s3_bucket: str) -> 
     )
 
 
-@dataclass
-class LiveServer:
-    app: FastAPI
-    url: str
-    server: uvicorn.Server
-
-
 @pytest.fixture
 def live_server() -> Iterator[Any]:
-    """A factory: `live_server(settings)` serves create_app(settings) on 127.0.0.1."""
-    started: list[tuple[uvicorn.Server, threading.Thread]] = []
-
-    def start(settings: Settings) -> LiveServer:
-        app = create_app(settings)
-        port = free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        started.append((server, thread))
-        return LiveServer(app, f"http://127.0.0.1:{port}", server)
-
-    yield start
-    for server, thread in started:
-        server.should_exit = True
-        thread.join(timeout=15)
+    """A factory: `live_server(settings)` serves create_app(settings) on 127.0.0.1 (`live.py`)."""
+    with contextlib.ExitStack() as servers:
+        yield lambda settings: servers.enter_context(live(settings))

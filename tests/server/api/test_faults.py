@@ -7,6 +7,7 @@ a full queue answers 429 with Retry-After; a client that disconnects mid-stream 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -103,5 +104,29 @@ async def test_a_client_leaving_mid_stream_frees_its_slot(
         assert (await _ready(client))["engine"]["cancelled"] == 1
         metrics = (await client.get("/metrics")).text
         assert "hmem_engine_cancelled_sequences_total 1.0" in metrics
+        r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200
+
+
+async def test_a_non_streaming_client_leaving_cancels_its_generation(
+    demo_settings: Settings, live_server: Any
+) -> None:
+    settings = demo_settings.model_copy(update={"max_batch": 8})
+    server = live_server(settings)
+    body = {"prompt": "The capital of", "max_tokens": 480, "n": 8, "ignore_eos": True}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        # 8 x 480 tokens take seconds on these cores; the client gives up as soon as they run.
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as leaving:
+            sent = asyncio.create_task(leaving.post("/v1/completions", json=body))
+            await _wait_active(client, 8)
+            sent.cancel()  # closes the connection mid-request, as a client timing out does
+            with contextlib.suppress(asyncio.CancelledError):
+                await sent
+        await _wait_active(client, 0)
+        ready = await _ready(client)
+        assert ready["engine"]["cancelled"] == 8
+        metrics = (await client.get("/metrics")).text
+        generated = float(metrics.split("hmem_generated_tokens_total{memory=")[1].split()[1])
+        assert generated < 8 * 480  # the rows were freed, not run to their end
         r = await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
         assert r.status_code == 200

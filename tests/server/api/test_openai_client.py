@@ -3,6 +3,7 @@ reads logprobs, passes the memory extension, and gets its own exception types fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -14,10 +15,11 @@ PROMPT = "The atomic number of Thulium is"
 
 
 @pytest.fixture
-def client(demo_settings: Settings, live_server: Any) -> openai.OpenAI:
+def client(demo_settings: Settings, live_server: Any) -> Iterator[openai.OpenAI]:
     settings = demo_settings.model_copy(update={"api_keys": {}, "admin_key": None})
     server = live_server(settings)
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused-key", max_retries=0)
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused-key", max_retries=0) as c:
+        yield c
 
 
 def test_completes(client: openai.OpenAI) -> None:
@@ -81,8 +83,11 @@ def test_memory_extension_and_errors(client: openai.OpenAI) -> None:
 def test_a_key_is_checked(demo_settings: Settings, live_server: Any) -> None:
     settings = demo_settings.model_copy(update={"api_keys": {"sk-right-key-1": KeyPolicy()}})
     server = live_server(settings)
-    wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong-key", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    url = f"{server.url}/v1"
+    with (
+        openai.OpenAI(base_url=url, api_key="sk-wrong-key", max_retries=0) as wrong,
+        pytest.raises(openai.AuthenticationError),
+    ):
         wrong.completions.create(model="demo", prompt="x", max_tokens=1)
-    right = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-right-key-1", max_retries=0)
-    assert right.completions.create(model="demo", prompt="x", max_tokens=1).choices
+    with openai.OpenAI(base_url=url, api_key="sk-right-key-1", max_retries=0) as right:
+        assert right.completions.create(model="demo", prompt="x", max_tokens=1).choices

@@ -9,9 +9,8 @@ change a single token.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -28,94 +27,19 @@ from server.engine.engine import (
 )
 from server.engine.sampling import SamplingParams
 from server.model.anchor import Anchor
-from server.model.config import PRESETS
-from server.model.memory import FFNBlock, MemoryBlock
+from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
 from server.training.evaluate import greedy_decode
-
-# Long enough that a sequence asked for thousands of tokens is still running while a test looks.
-CFG = replace(PRESETS["test"], max_seq_len=4096)
-V = CFG.vocab_size
-LONG = 4000  # max_tokens of a sequence that a test cancels or closes long before it ends
-
-Request = tuple[list[int], SamplingParams, list[MemoryBlock]]
-
-
-@pytest.fixture(scope="module")
-def model() -> Anchor:
-    torch.manual_seed(0)
-    anchor = Anchor(CFG).eval()
-    with torch.no_grad():
-        for name, p in anchor.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.8, 1.2)
-            else:
-                p.normal_(0, 0.1)
-    return anchor
-
-
-def block(width: int, seed: int) -> MemoryBlock:
-    g = torch.Generator().manual_seed(seed)
-    L, d = CFG.n_layers, CFG.d_model
-
-    def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * 0.3
-
-    return FFNBlock(gate=rnd(L, width, d), up=rnd(L, width, d), down=rnd(L, d, width))
-
-
-def prompt(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, V, (length,), generator=g).tolist()
-
-
-def greedy(max_tokens: int, **extra: Any) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
-
-
-@pytest.fixture
-async def engines(model: Anchor) -> AsyncIterator[Callable[..., Engine]]:
-    """A factory of started engines on the test anchor, all closed at the end."""
-    made: list[Engine] = []
-
-    def make(**kwargs: Any) -> Engine:
-        engine = Engine(model, **kwargs)
-        engine.start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        await engine.close()
-
-
-@dataclass
-class Run:
-    tokens: list[int] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    reason: str | None = None
-
-
-async def collect(gen: Generation, stream: AsyncIterator[Event] | None = None) -> Run:
-    """Every event of `gen` to its end (going on with `stream` when one was started)."""
-    run = Run()
-    async for event in stream if stream is not None else gen.stream():
-        run.events.append(event)
-        if isinstance(event, TokenEvent):
-            run.tokens.append(event.token)
-        elif isinstance(event, EndEvent):
-            run.reason = event.reason
-    return run
-
-
-async def first_tokens(stream: AsyncIterator[Event], n: int) -> list[int]:
-    tokens: list[int] = []
-    while len(tokens) < n:
-        event = await anext(stream)
-        assert isinstance(event, TokenEvent), event
-        tokens.append(event.token)
-    return tokens
-
+from tests.server.engine.engine_helpers import (
+    CFG,
+    LONG,
+    Request,
+    block,
+    collect,
+    first_tokens,
+    greedy,
+    prompt,
+)
 
 # -- exactness ------------------------------------------------------------------------------------
 

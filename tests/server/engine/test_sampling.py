@@ -1,4 +1,5 @@
-"""Sampling: greedy, temperature and top-p draws, seeded reproducibility, OpenAI logprobs."""
+"""Sampling: greedy, temperature and top-p draws, seeded reproducibility, OpenAI logprobs, and
+rows that cannot be sampled failing alone."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import pytest
 import torch
 
 from server.engine.sampling import (
+    MAX_LOGPROBS,
+    MAX_STOP,
+    NON_FINITE_LOGITS,
     Sampler,
     SampleResult,
     SamplingParams,
+    _draw,
     make_generator,
     prompt_logprobs,
 )
@@ -207,13 +212,139 @@ def test_stop_is_kept_as_a_tuple() -> None:
         ({"temperature": float("nan")}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.01}, "top_p"),
-        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": MAX_LOGPROBS + 1}, "logprobs"),
         ({"logprobs": -1}, "logprobs"),
         ({"stop": ("ok", "")}, "stop"),
-        ({"stop": ("a", "b", "c", "d", "e")}, "stop"),
+        ({"stop": tuple(str(i) for i in range(MAX_STOP + 1))}, "stop"),
         ({"seed": 2**64}, "seed"),
     ],
 )
 def test_bad_params_are_refused_naming_the_field(fields: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{"max_tokens": 8, **fields})
+
+
+# -- limits ---------------------------------------------------------------------------------------
+
+
+def test_the_limits_real_clients_need_are_accepted() -> None:
+    # lm-evaluation-harness sends several `until` strings; the chat API's top_logprobs goes to 20.
+    assert (MAX_STOP, MAX_LOGPROBS) == (32, 20)
+    stops = tuple(f"stop{i}" for i in range(32))
+    assert SamplingParams(max_tokens=1, stop=stops).stop == stops
+    with pytest.raises(ValueError, match="at most 32"):
+        SamplingParams(max_tokens=1, stop=(*stops, "one more"))
+
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(12))
+    params = [SamplingParams(max_tokens=1, logprobs=20), SamplingParams(max_tokens=1, logprobs=0)]
+    result = sample(logits, params)
+    top = result.top[0]
+    assert top is not None
+    assert [i for i, _ in top] == logits[0].topk(20).indices.tolist()
+    assert result.top[1] == []
+    assert result.errors == [None, None]
+
+
+# -- values that cannot be sampled as asked -------------------------------------------------------
+
+# Each of these passes validation, and used to reach torch.multinomial as 0 (float32) or as a
+# division by zero: `{"top_p": 5e-324}` failed every sequence of its batch.
+TINY = [5e-324, 2.2e-309, 1e-45, 1e-38, 1e-6]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiny", TINY)
+def test_a_tiny_temperature_or_top_p_gives_the_most_likely_token(
+    tiny: float, dtype: torch.dtype
+) -> None:
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(13)).to(dtype)
+    params = [
+        SamplingParams(max_tokens=1, temperature=tiny),
+        SamplingParams(max_tokens=1, temperature=tiny, seed=1),
+        SamplingParams(max_tokens=1, top_p=tiny),
+        SamplingParams(max_tokens=1, top_p=tiny, seed=2),
+        SamplingParams(max_tokens=1, temperature=tiny, top_p=tiny, logprobs=0),
+    ]
+    gens = [make_generator(p.seed, "cpu") for p in params]
+    result = sample(logits, params, gens)
+    assert result.errors == [None] * 5
+    assert result.ids.tolist() == logits.float().argmax(dim=-1).tolist()
+    assert torch.isfinite(result.logprobs).all()
+    assert result.top[4] == []
+
+
+def test_temperatures_below_the_epsilon_are_greedy_and_above_it_sample() -> None:
+    assert SamplingParams(max_tokens=1, temperature=9e-6).greedy
+    assert not SamplingParams(max_tokens=1, temperature=1e-4).greedy
+    # Just above the epsilon the draw is still all but greedy, and never NaN.
+    logits = torch.tensor([[0.0, 1e-3, 2.0, 1.999]])
+    params = [SamplingParams(max_tokens=1, temperature=2e-5, seed=3)]
+    result = sample(logits, params, [make_generator(3, "cpu")])
+    assert result.ids.tolist() == [2]
+
+
+def test_a_huge_temperature_samples_the_whole_vocabulary() -> None:
+    # 1e300 is inf in float32: dividing a finite logit by it would give NaN for an -inf gap.
+    logits = torch.tensor([3e38, -3e38, 0.0, 1.0]).expand(400, -1)
+    with torch.random.fork_rng():
+        torch.manual_seed(14)
+        result = sample(logits, [SamplingParams(max_tokens=1, temperature=1e300)] * 400)
+    assert result.errors == [None] * 400
+    assert set(result.ids.tolist()) > {0}
+
+
+# -- rows that cannot be sampled fail alone -------------------------------------------------------
+
+
+def test_a_row_of_nan_or_inf_logits_is_reported_and_spares_the_others() -> None:
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(15))
+    params = [
+        SamplingParams(max_tokens=1, temperature=0.0, logprobs=2),
+        SamplingParams(max_tokens=1, temperature=0.9, seed=5, logprobs=2),
+        SamplingParams(max_tokens=1, temperature=0.9),
+        SamplingParams(max_tokens=1, temperature=0.9, logprobs=2),  # NaN row
+        SamplingParams(max_tokens=1, temperature=0.0),  # +inf in one logit
+        SamplingParams(max_tokens=1, temperature=0.7, top_p=0.5, seed=6),
+    ]
+    bad = logits.clone()
+    bad[3] = float("nan")
+    bad[4, 2] = float("inf")
+    healthy = [0, 1, 2, 5]
+
+    alone = sample(
+        logits[healthy],
+        [params[i] for i in healthy],
+        [None, make_generator(5, "cpu"), None, make_generator(6, "cpu")],
+    )
+    gens = [None, make_generator(5, "cpu"), None, None, None, make_generator(6, "cpu")]
+    result = sample(bad, params, gens)  # used to raise "invalid multinomial distribution"
+
+    assert result.errors[3] == result.errors[4] == NON_FINITE_LOGITS
+    assert [result.errors[i] for i in healthy] == [None] * 4
+    assert result.top[3] is None
+    # Greedy and seeded rows get exactly the tokens they get without the bad rows.
+    for j, i in enumerate(healthy):
+        if i != 2:  # the unseeded row shares the global RNG with whatever else is drawn
+            assert result.ids[i] == alone.ids[j]
+            assert result.top[i] == alone.top[j]
+    assert torch.isfinite(result.logprobs[healthy]).all()
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_row_that_cannot_be_drawn_from_fails_alone(seeded: bool) -> None:
+    probs = torch.tensor([[0.2, 0.8, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    gens = [make_generator(i, "cpu") if seeded else None for i in range(3)]
+    ids, errors = _draw(probs, gens)
+    assert errors[0] is None
+    assert errors[2] is None
+    assert errors[1] is not None
+    assert "sampling failed" in errors[1]
+    assert ids[0] in (0, 1)
+    assert ids[2] == 2
+
+
+def test_prompt_logprobs_of_non_finite_logits_are_refused_not_sent_as_nan() -> None:
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(16))
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="not finite"):
+        prompt_logprobs(logits, [1, 2, 3, 4], 2)

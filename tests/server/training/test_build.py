@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from server.bank import Bank
 from server.bank.layout import ModelShape
@@ -17,6 +18,7 @@ from server.model.checkpoint import load_anchor, save_anchor
 from server.model.memory import MemoryType
 from server.model.memory_batch import build_memory_batch
 from server.routing import Router
+from server.tokenizer import AnchorTokenizer
 from server.training.memory_params import MemoryParams
 from server.training.pipeline import BuildSettings, build_bank
 from server.training.tokenizer import byte_tokenizer
@@ -82,6 +84,52 @@ def test_a_tiny_build_writes_a_bank_the_model_code_serves(tmp_path: Path) -> Non
         out = model(tokens, memory=build_memory_batch([path], dtype=torch.float32))
     assert out.shape == (1, 5, model.config.vocab_size)
     assert not list(tmp_path.glob(".bank.*"))  # no partial or work directories left
+
+
+def test_a_built_anchor_is_read_by_transformers_as_the_server_reads_it(tmp_path: Path) -> None:
+    build_bank(tiny(tmp_path, pretrain_steps=0, memory_steps=0, seq_len=640))
+    anchor_dir = tmp_path / "bank" / "anchor"
+    assert sorted(p.name for p in anchor_dir.iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    ]  # fmt: skip
+    config = json.loads((anchor_dir / "config.json").read_text())
+    ours = AnchorTokenizer.from_dir(anchor_dir, load_anchor(anchor_dir).config)
+    hf = AutoTokenizer.from_pretrained(anchor_dir)
+    for text in ["iron is a metal", "naïve café, 東京 🚀", "<s>x</s>", ""]:
+        ids = ours.encode(text)
+        assert hf(text)["input_ids"] == ids, text
+        assert (
+            hf.decode(ids, skip_special_tokens=True)
+            == ours.decode(ids)
+            == text.replace("<s>", "").replace("</s>", "")
+        )
+    assert (hf.bos_token_id, hf.eos_token_id) == (config["bos_token_id"], config["eos_token_id"])
+    assert (hf.bos_token, hf.eos_token) == (ours.bos_token, ours.eos_token) == ("<s>", "</s>")
+    assert hf.model_max_length == config["max_position_embeddings"] == 640
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Iron?"}]
+    text = ours.render_chat(chat)
+    assert text == hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<s><|system|>\n")
+    assert text.endswith("<|assistant|>\n")
+    ids = ours.encode(text, add_bos=False)
+    assert ids == hf.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ids.count(config["bos_token_id"]) == 1
+    assert ids[0] == config["bos_token_id"]
+
+
+def test_an_existing_checkpoints_tokenizer_config_and_template_are_kept(tmp_path: Path) -> None:
+    src = tmp_path / "anchor"
+    save_anchor(Anchor(replace(anchor().config, vocab_size=byte_tokenizer().get_vocab_size())), src)
+    byte_tokenizer().save(str(src / "tokenizer.json"))
+    (src / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "x": 1}))
+    (src / "chat_template.jinja").write_text("{{ bos_token }}[{{ messages[0]['content'] }}]")
+    build_bank(tiny(tmp_path, anchor_dir=src, freeze_anchor=True, memory_steps=0))
+    out = tmp_path / "bank" / "anchor"
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (src / name).read_bytes(), name
+    tok = AnchorTokenizer.from_dir(out, load_anchor(out).config)
+    assert tok.config == {"bos_token": "<s>", "x": 1}
+    assert tok.render_chat([{"role": "user", "content": "hi"}]) == "<s>[hi]"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,75 @@
+"""`POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info`, at the server root as vLLM has them.
+
+Token ids are exactly those the completion and chat routes feed the model: a text prompt gets
+the BOS the server adds (`add_special_tokens`), a conversation is rendered by the chat template,
+which writes its own.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.api.deps import GeneratorDep, PolicyDep
+from server.api.routes.chat import chat_prompt
+from server.api.schemas.common import error_responses
+from server.api.schemas.tokenizer import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeChatRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfoResponse,
+)
+from server.engine.text import token_strings
+
+router = APIRouter(tags=["tokenizer"])
+
+
+@router.post(
+    "/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 503)
+)
+async def tokenize(req: TokenizeRequest, policy: PolicyDep, gen: GeneratorDep) -> TokenizeResponse:
+    gen.check_model(req.model)
+    tok = gen.rt.tokenizer
+    if isinstance(req, TokenizeChatRequest):
+        ids = chat_prompt(gen, req.messages, add_generation_prompt=req.add_generation_prompt).ids
+        if req.add_special_tokens and tok.bos_id is not None:
+            ids = [tok.bos_id, *ids]
+    else:
+        ids = tok.encode(req.prompt, add_bos=req.add_special_tokens)
+    return TokenizeResponse(
+        count=len(ids),
+        max_model_len=gen.rt.context_length,
+        tokens=ids,
+        token_strs=token_strings(tok, ids) if req.return_token_strs else None,
+    )
+
+
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    responses=error_responses(400, 401, 404, 503),
+)
+async def detokenize(
+    req: DetokenizeRequest, policy: PolicyDep, gen: GeneratorDep
+) -> DetokenizeResponse:
+    gen.check_model(req.model)
+    gen.check_ids(req.tokens, param="tokens", what="tokens")
+    return DetokenizeResponse(prompt=gen.rt.tokenizer.decode(req.tokens))
+
+
+@router.get(
+    "/tokenizer_info",
+    response_model=TokenizerInfoResponse,
+    responses=error_responses(401, 503),
+)
+async def tokenizer_info(policy: PolicyDep, gen: GeneratorDep) -> TokenizerInfoResponse:
+    tok = gen.rt.tokenizer
+    return TokenizerInfoResponse.of(
+        tok.config,
+        tokenizer_class=tok.config.get("tokenizer_class", "PreTrainedTokenizerFast"),
+        bos_token=tok.bos_token,
+        eos_token=tok.eos_token,
+        model_max_length=gen.rt.context_length,
+        chat_template=tok.chat_template,
+    )
