@@ -4,7 +4,7 @@
 # runtime stage that copies that virtualenv and runs `hmem serve` as an unprivileged user.
 #
 #   docker build -t hmem .
-#   docker run -p 8000:8000 -v hmem-data:/data hmem
+#   docker run -p 127.0.0.1:8000:8000 -v hmem-data:/data hmem
 #
 # With no settings it serves the packaged demo bank: level 1 on LMDB and the deepest level on
 # disk under /data, or on S3 when HMEM_CLOUD_ENDPOINT is set (docker-compose.yml, docs/deploy.md).

@@ -6,12 +6,17 @@ Imported as `bench.common` after a script has put the repository root first on s
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import platform
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -51,3 +56,56 @@ def local_server(settings: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+@dataclass
+class Moto:
+    proc: subprocess.Popen[bytes]
+    endpoint: str
+    stopped: bool = False
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGSTOP)
+        self.stopped = True
+
+    def resume(self) -> None:
+        if self.stopped:
+            self.proc.send_signal(signal.SIGCONT)
+            self.stopped = False
+
+
+def _die_with_parent() -> None:
+    """In the child: be killed if this bench dies first (even by SIGKILL), stopped or not."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+@contextlib.contextmanager
+def moto_process() -> Iterator[Moto]:
+    """moto's S3 server in its own process (its own GIL), on a free loopback port; a bench may
+    SIGSTOP it (`Moto.stop`). Always resumed and killed at the end, and killed with the bench."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(  # noqa: S603
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
+    moto = Moto(proc, f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + 20.0
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moto server exited with code {proc.returncode}")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not accept connections in 20 s") from None
+                time.sleep(0.1)
+        yield moto
+    finally:
+        moto.resume()
+        proc.kill()
+        proc.wait()

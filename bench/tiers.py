@@ -27,9 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +44,7 @@ import uvloop
 # `import tiers` would find this script: put the repository root (the `tiers` package) before it.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine
+from bench.common import machine, moto_process
 from tiers import (
     BlockCache,
     BlockDigest,
@@ -58,6 +56,7 @@ from tiers import (
     Tier,
     TieredStore,
 )
+from tiers.keys import storage_key
 
 GOAL = 1.15
 KEYS_PER_SIZE = 8
@@ -107,31 +106,8 @@ def summarise(samples: list[float]) -> dict[str, float]:
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """moto's S3 server in a subprocess (its own GIL); yields the endpoint URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: S603
-    try:
-        deadline = time.monotonic() + 15.0
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moto server exited with code {proc.returncode}")
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto server did not accept connections in 15 s") from None
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with moto_process() as moto:
+        yield moto.endpoint
 
 
 def pread_file(path: Path, size: int) -> bytes:
@@ -223,12 +199,16 @@ async def bench_tier(
         for size, ks in keys.items():
             for key in ks:
                 data = os.urandom(size)
-                await tier.put(str(key), data)
                 digests[str(key)] = BlockDigest(size, hashlib.sha256(data).hexdigest())
-        raw = raw_reader(kind, tier, endpoint, {k: d.nbytes for k, d in digests.items()})
+                # Under the names the stores read: the bare key for the store that verifies
+                # nothing, the key and its content for the verifying one (tiers.keys).
+                await tier.put(str(key), data)
+                await tier.put(storage_key(key, digests[str(key)].sha256), data)
+        names = {k: storage_key(k, d.sha256) for k, d in digests.items()}
+        raw = raw_reader(kind, tier, endpoint, {names[k]: d.nbytes for k, d in digests.items()})
         for size in sizes:
             ks = keys[size]
-            skeys = [str(k) for k in ks]
+            skeys = [names[str(k)] for k in ks]
 
             async def v_raw(r: int, skeys: list[str] = skeys) -> int:
                 return len(raw(skeys[r % KEYS_PER_SIZE]))

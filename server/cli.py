@@ -6,7 +6,11 @@ tiers and `hmem bank verify` checks them there. `hmem synth` writes a synthetic 
 corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket.
 `hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
 the configured storage hierarchy and reports, per tier, whether it answers and what it holds.
-Errors a user can fix are printed as one line, `hmem: error: ...`, with exit status 2.
+
+`main` is the one place where failures meet the user: an error the user can fix (bad input, a
+missing or unreadable file, a taken port) is printed as one line, `hmem: error: ...`, with exit
+status 2, and Ctrl-C as `hmem: interrupted`, with 130. This module imports nothing heavy at the
+top, so that even a Ctrl-C while torch is still loading ends in that one line.
 """
 
 from __future__ import annotations
@@ -19,17 +23,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server import __version__
-from server.bank.commands import register as register_bank
-from server.bank.errors import BankError
-from server.model.errors import ModelError
-from server.routing.errors import RouterError
-from server.serve import register as register_serve
-from server.settings import load_settings
-from tiers import BytesCodec, TierError, build_store, load_profiles
-
-# Errors that describe something the user can fix: reported in one line, never as a traceback.
-# A command may add its own as the `user_errors` default of its parser.
-USER_ERRORS = (TierError, ModelError, BankError, RouterError)
 
 # The training commands (`server.training.commands`) are registered in full only when one of
 # them runs: `hmem serve` and the other serving commands never import the training package.
@@ -41,7 +34,33 @@ TRAINING_COMMANDS = {
 }
 
 
+def user_errors(args: argparse.Namespace | None = None) -> tuple[type[BaseException], ...]:
+    """Errors that describe something the user can fix: reported in one line, never a traceback.
+
+    Bad input is a `ValueError` (house style) and a missing, unreadable or misplaced file an
+    `OSError`; a command may add its own as the `user_errors` default of its parser.
+    """
+    from server.bank.errors import BankError
+    from server.model.errors import ModelError
+    from server.routing.errors import RouterError
+    from tiers.errors import TierError
+
+    extra: tuple[type[BaseException], ...] = getattr(args, "user_errors", ())
+    return (ValueError, OSError, TierError, ModelError, BankError, RouterError, *extra)
+
+
+def describe(exc: BaseException) -> str:
+    """`exc` as one line: an OSError as "PATH: reason", anything else as its message."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        text = f"{' -> '.join(paths)}: {exc.strerror}" if paths else exc.strerror
+    return " ".join(text.split()) or type(exc).__name__
+
+
 def _profiles(args: argparse.Namespace) -> int:
+    from tiers import load_profiles
+
     profiles = load_profiles(args.profiles)
     print(f"{'profile':<20} {'latency':>10} {'bandwidth':>12}  source")
     for p in profiles.values():
@@ -51,10 +70,14 @@ def _profiles(args: argparse.Namespace) -> int:
 
 
 async def _check_store(config_file: Path | None) -> int:
-    settings = load_settings(config_file)
+    from server.serve import read_settings
+    from tiers import BytesCodec, ConfigError, TierError, build_store
+
+    settings = read_settings(config_file)
     if settings.store is None:
-        print("no store configured: set [store] in the settings file or HMEM_STORE__* variables")
-        return 2
+        raise ConfigError(
+            "no store configured: set [store] in the settings file or HMEM_STORE__* variables"
+        )
     store = await build_store(settings.store, codec=BytesCodec(), digests=None)
     failed = 0
     try:
@@ -74,6 +97,9 @@ async def _check_store(config_file: Path | None) -> int:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `hmem` parser; the training commands in full only when `command` is one of them."""
+    from server.bank.commands import register as register_bank
+    from server.serve import register as register_serve
+
     parser = argparse.ArgumentParser(
         prog="hmem", description="Tiered memory-serving inference server."
     )
@@ -102,18 +128,25 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The top level takes no option with a value, so the first word is the command.
-    command = next((word for word in argv if not word.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args: argparse.Namespace | None = None
     try:
+        # The top level takes no option with a value, so the first word is the command.
+        command = next((word for word in argv if not word.startswith("-")), None)
+        args = build_parser(command).parse_args(argv)
         return int(args.run(args))
-    except (*USER_ERRORS, *getattr(args, "user_errors", ())) as exc:
-        print(f"hmem: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        # A command whose work survives an interrupt says how to pick it up (`on_interrupt`).
+        print(f"hmem: interrupted{getattr(args, 'on_interrupt', '')}", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # The reader went away (`hmem eval | head`): stop quietly, as other CLI tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        if not isinstance(exc, user_errors(args)):
+            raise  # a bug: its traceback is what a report needs
+        print(f"hmem: error: {describe(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,9 +37,21 @@ def bank_dir(settings: Settings) -> Path:
     return settings.bank if settings.bank is not None else DEMO_BANK
 
 
-def blocklist_file(settings: Settings) -> Path:
+def blocklist_file(settings: Settings, *, bank_id: str, fingerprint: str) -> Path:
+    """The settings' `blocklist_file`, else this bank build's own file under the data directory.
+
+    `DATA_DIR/blocklists/{bank_id}-{fingerprint}.json`: banks served one after the other from
+    one data directory, and rebuilds of one bank, never share a blocklist.
+    """
     if settings.blocklist_file is not None:
         return settings.blocklist_file
+    return data_dir(settings) / "blocklists" / f"{bank_id}-{fingerprint}.json"
+
+
+def legacy_blocklist_file(settings: Settings) -> Path | None:
+    """Where blocklists were kept before they were per bank, when no file is configured."""
+    if settings.blocklist_file is not None:
+        return None
     return data_dir(settings) / "blocklist.json"
 
 

@@ -1,7 +1,9 @@
 """Everything a serving process holds, opened in order from `Settings` and closed in reverse.
 
-Open: the bank's manifest and router, the store over its tiers (on the embedded default, the
-bank's blocks are first copied to them; the copy is idempotent and skips what is there), the
+Open: the bank's manifest and router, the store over its tiers with the bank directory as the
+last replica of every level (`OriginTier`: a missing or corrupt tier copy is served from the
+bank's own file and repaired from it), on the embedded default the bank's blocks first copied to
+the tiers (idempotent: good copies are kept, missing and corrupt ones written), the bank build's
 blocklist (reloaded from its file), the anchor and tokenizer, and the engine's model thread,
 which is then warmed up with one short generation so the first request pays no one-time costs.
 """
@@ -19,11 +21,12 @@ from functools import partial
 import torch
 
 from server.bank.codec import torch_dtype
-from server.bank.push import push_bank
+from server.bank.origin import ORIGIN, OriginTier
+from server.bank.push import PushReport, push_bank
 from server.bank.reader import Bank
 from server.bank.router_file import ROUTER_NAME
-from server.defaults import bank_dir, blocklist_file, store_config
-from server.engine.blocklist import Blocklist
+from server.defaults import bank_dir, blocklist_file, legacy_blocklist_file, store_config
+from server.engine.blocklist import Blocklist, warn_legacy_file
 from server.engine.engine import Engine
 from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
@@ -74,8 +77,19 @@ class Runtime:
         metrics = StoreMetrics()
         store = await build_store(config, codec=bank.codec(), digests=m.digests(), metrics=metrics)
         try:
+            origin = OriginTier(bank)
+            try:
+                store.add_tier(ORIGIN, origin, levels=m.memory_levels(), read_only=True)
+            except BaseException:
+                await origin.aclose()
+                raise
             if embedded:
-                await _place_blocks(bank, store, config.placement)
+                await _place_blocks(
+                    bank,
+                    store,
+                    config.placement,
+                    verify_max_bytes=int(settings.seed_verify_max_bytes),
+                )
             router = await loop.run_in_executor(executor, partial(
                 Router.load, bank.path / ROUTER_NAME, m.embedder, branching=m.branching,
                 levels=m.levels,
@@ -96,8 +110,15 @@ class Runtime:
                 for level in m.memory_levels()
                 if (block := bank.generic(level)) is not None
             }
+            fingerprint = await loop.run_in_executor(executor, bank.fingerprint)
+            if (legacy := legacy_blocklist_file(settings)) is not None:
+                warn_legacy_file(legacy)
             blocklist = Blocklist.load(
-                blocklist_file(settings), levels=m.levels, branching=m.branching
+                blocklist_file(settings, bank_id=m.bank_id, fingerprint=fingerprint),
+                levels=m.levels,
+                branching=m.branching,
+                bank_id=m.bank_id,
+                fingerprint=fingerprint,
             )
             resolver = MemoryResolver(
                 bank_id=m.bank_id,
@@ -158,15 +179,26 @@ class Runtime:
 
 
 async def _place_blocks(
-    bank: Bank, store: TieredStore[MemoryBlock], placement: Mapping[int, Sequence[str]]
+    bank: Bank,
+    store: TieredStore[MemoryBlock],
+    placement: Mapping[int, Sequence[str]],
+    *,
+    verify_max_bytes: int,
 ) -> None:
-    """Copy the bank's blocks to the embedded default's tiers (idempotent, skips what is there).
+    """Copy the bank's blocks to the embedded default's tiers: write what is missing or corrupt.
+
+    Copies already there are read back and their sha256 checked when the bank's blocks total at
+    most `verify_max_bytes` (`seed_verify_max_bytes`); above it, their name (which holds their
+    content's digest) and size are trusted, and a corrupt copy is left to the store, which reads
+    past it and repairs it from the bank directory when it is asked for. One log line says which.
 
     Tier by tier: one that cannot be reached (the cloud endpoint down at start) is not fatal.
     The server starts, the other tiers get their blocks, and the unreachable tier's levels are
     served degraded, as they would be had it failed later.
     """
-    written = 0
+    bank_bytes = sum(entry.bytes for entry in bank.manifest.blocks.values())
+    check = bank_bytes <= verify_max_bytes
+    done = PushReport()
     for name, tier in store.tiers.items():
         levels = {level: [name] for level, names in placement.items() if name in names}
         if not levels:
@@ -174,7 +206,14 @@ async def _place_blocks(
         try:
             if isinstance(tier, S3Tier):
                 await tier.create_bucket()
-            report = await push_bank(bank, {name: tier}, levels, progress=False, some_levels=True)
+            report = await push_bank(
+                bank,
+                {name: tier},
+                levels,
+                progress=False,
+                some_levels=True,
+                trust_existing=not check,
+            )
         except TierError as exc:
             log.warning(
                 "could not copy the bank's blocks to tier %r (%s); its levels are served "
@@ -183,6 +222,22 @@ async def _place_blocks(
                 exc,
             )
             continue
-        written += report.written
-    if written:
-        log.info("copied %d blocks of the bank to the default tiers", written)
+        done.tiers.update(report.tiers)
+    t = done.total
+    how = (
+        f"copies already there sha256-checked (bank {bank_bytes / 2**20:.1f} MiB <= "
+        f"seed_verify_max_bytes {verify_max_bytes / 2**20:.1f} MiB)"
+        if check
+        else f"copies already there trusted on name and size (bank {bank_bytes / 2**20:.1f} MiB "
+        f"> seed_verify_max_bytes {verify_max_bytes / 2**20:.1f} MiB)"
+    )
+    log.info(
+        "seeded the default tiers with bank %r: %s; %d written, %d checked good, %d trusted, "
+        "%d repaired",
+        bank.manifest.bank_id,
+        how,
+        t.written,
+        t.checked,
+        t.trusted,
+        t.repaired,
+    )

@@ -2,13 +2,29 @@
 
 With no arguments it serves the packaged demo bank on the embedded default tiers under the data
 directory (`server.defaults`), on 127.0.0.1:8000.
+
+Everything that can fail on the user's input fails before the model loads, in one line: the
+settings, then the port (bound here, and that very socket handed to uvicorn, so a taken port is
+found in milliseconds and nothing can take it in between), then the bank. The app's lifespan,
+which opens the runtime (tiers, model, engine), runs here around uvicorn rather than inside it:
+an error there is raised to `hmem` as it is, instead of being logged by uvicorn as a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import errno
+import json
 import logging
+import signal
+import socket
+import threading
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -16,12 +32,19 @@ import uvicorn
 from server.api.app import create_app
 from server.bank.reader import Bank
 from server.defaults import bank_dir
-from server.settings import load_settings
+from server.settings import Settings, load_settings
+from tiers.errors import ConfigError
 
 # Flags that set the setting of the same name.
 SETTING_FLAGS = (
     "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
 )  # fmt: skip
+
+logger = logging.getLogger("uvicorn.error")  # uvicorn's own: its format and level
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why and what to change."""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,7 +59,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     s.add_argument("--bank", type=Path, metavar="DIR", help="bank directory (default: demo bank)")
     s.add_argument("--data-dir", type=Path, metavar="DIR", help="state directory")
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
     s.add_argument("--device", choices=["cpu", "cuda"])
     s.add_argument("--dtype", choices=["float32", "bfloat16"])
     s.add_argument("--cloud-endpoint", metavar="URL", help="S3 endpoint for the deepest level")
@@ -47,23 +70,126 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="Jinja2 chat template for chat prompts, replacing the model's own",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    s.set_defaults(run=run)
+    s.set_defaults(run=run, user_errors=(ServeError,))
+
+
+def read_settings(config_file: Path | None, **overrides: Any) -> Settings:
+    """`load_settings`, with a settings file that does not parse named in the error."""
+    try:
+        return load_settings(config_file, **overrides)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        kind = "JSON" if config_file is not None and config_file.suffix == ".json" else "TOML"
+        raise ConfigError(f"settings file {config_file} is not valid {kind}: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"settings file {config_file} is a directory") from None
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, as uvicorn binds one; a ServeError in one line if it can't."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # Like uvicorn: a port whose last connections are still in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except socket.gaierror:
+        sock.close()
+        raise ServeError(f"cannot listen on {where}: unknown host {host!r} (--host)") from None
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(
+                f"{where} is in use (another server?): stop it, or serve on another port with "
+                "--port or HMEM_PORT"
+            ) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise ServeError(f"cannot listen on {where}: no such address here (--host)") from None
+        if exc.errno == errno.EACCES:
+            raise ServeError(
+                f"cannot listen on {where}: permission denied (ports below 1024 need privileges)"
+            ) from None
+        raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def run(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         name: value for name in SETTING_FLAGS if (value := getattr(args, name)) is not None
     }
-    settings = load_settings(args.config, **overrides)
-    Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line, before uvicorn
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    settings = read_settings(args.config, **overrides)
+    # Before anything is opened: a taken port fails here in milliseconds, not after the model.
+    with listen_socket(settings.host, settings.port) as listener:
+        return _serve(settings, listener, log_level=args.log_level)
+
+
+def _serve(settings: Settings, listener: socket.socket, *, log_level: str) -> int:
+    bank = Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level,
-        loop="auto",
-        timeout_graceful_shutdown=10,
-    )
+    # lifespan "off": uvicorn would log a startup error as a traceback; `serve` runs it instead.
+    config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    host, port = listener.getsockname()[:2]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    async def serve() -> None:
+        async with app.router.lifespan_context(app):  # opens the runtime; closes it on the way out
+            logger.info(
+                "serving bank %r on http://%s (Ctrl-C to stop)", bank.manifest.bank_id, where
+            )
+            await server.serve(sockets=[listener])
+
+    try:
+        with _signals_raised(), asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve())
+    except _Terminated:
+        # SIGTERM (`docker stop`), after a clean shutdown: end as the signal would have ended
+        # the process (PID 1 in a container ignores it, and returns 0).
+        signal.raise_signal(signal.SIGTERM)
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed, as uvicorn's `loop="auto"` picks it."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that the runtime still closes on the way out."""
+
+
+@contextlib.contextmanager
+def _signals_raised() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt and SIGTERM `_Terminated` in the main thread.
+
+    While it serves, uvicorn takes both signals itself (a graceful shutdown) and raises them
+    again once it has stopped. asyncio's own SIGINT handling would then cancel the task that is
+    closing the runtime; raised as exceptions instead, they unwind through the app's lifespan,
+    which closes the runtime (engine thread, tiers) before `hmem` reports the interrupt. Before
+    uvicorn starts (the model loading), Ctrl-C stops the start at once the same way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, interrupt),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     JsonConfigSettingsSource,
@@ -56,6 +64,11 @@ class Settings(BaseSettings):
         None, description="S3 endpoint for the embedded default's deepest level (else disk)"
     )
     cloud_bucket: str = Field("hmem", min_length=3, max_length=63)
+    seed_verify_max_bytes: ByteSize = Field(
+        ByteSize(1 << 30),
+        description="embedded default: at start, copies already in the tiers are read back "
+        "and sha256-checked when the bank's blocks total at most this; above, name and size",
+    )
 
     # HTTP.
     host: str = "127.0.0.1"
@@ -91,7 +104,9 @@ class Settings(BaseSettings):
         None, min_length=8, description="bearer key of the admin endpoints"
     )
     blocklist_file: Path | None = Field(
-        None, description="blocked clusters, persisted; None: blocklist.json in data_dir"
+        None,
+        description="blocked clusters, persisted; None: blocklists/{bank}-{build}.json "
+        "in data_dir, one per bank build",
     )
 
     @field_validator("chat_template")

@@ -200,7 +200,12 @@ def service(name: str) -> dict[str, Any]:
 
 def compose_env(name: str) -> dict[str, str | None]:
     """A service's environment; None for a name passed through from the host (no value)."""
-    env = service(name).get("environment") or {}
+    return spec_env(service(name))
+
+
+def spec_env(spec: dict[str, Any]) -> dict[str, str | None]:
+    """The environment of a service's spec, from docker-compose.yml or an override file."""
+    env = spec.get("environment") or {}
     if isinstance(env, list):
         pairs = [entry.partition("=") for entry in env]
         return {key: (value if sep else None) for key, sep, value in pairs}
@@ -245,8 +250,13 @@ def container_ports(name: str) -> set[int]:
 
 def mounts(name: str) -> dict[str, str]:
     """Mount point -> volume (or host path) of a service."""
+    return spec_mounts(service(name))
+
+
+def spec_mounts(spec: dict[str, Any]) -> dict[str, str]:
+    """Mount point -> volume (or host path) of a service's spec."""
     result: dict[str, str] = {}
-    for volume in service(name).get("volumes", []):
+    for volume in spec.get("volumes", []):
         if isinstance(volume, dict):
             result[volume["target"]] = volume["source"]
         else:
@@ -542,3 +552,118 @@ def test_s3_credentials_are_minio_root_user() -> None:
     password = interpolated(minio["MINIO_ROOT_PASSWORD"] or "")
     assert len(user or "") >= 3
     assert len(password or "") >= 8
+
+
+# --- who can reach the server, and serving your own bank ----------------------------------------
+
+
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as Compose reads it, with its `!override` and `!reset` tags on a value."""
+
+
+def _untagged(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+for _tag in ("!override", "!reset"):
+    ComposeLoader.add_constructor(_tag, _untagged)
+
+
+def deploy_doc() -> str:
+    return (REPO / "docs" / "deploy.md").read_text()
+
+
+def doc_overrides() -> dict[str, dict[str, Any]]:
+    """The override files docs/deploy.md shows, each by its first line (a comment naming it)."""
+    blocks = re.findall(r"```yaml\n(.*?)```", deploy_doc(), re.DOTALL)
+    # ComposeLoader is a SafeLoader: it builds plain data only.
+    overrides = {b.splitlines()[0]: yaml.load(b, ComposeLoader) for b in blocks}  # noqa: S506
+    assert all(name.startswith("# docker-compose.override.yml") for name in overrides), overrides
+    return overrides
+
+
+def published(port: str | int | dict[str, Any]) -> tuple[str | None, int]:
+    """(host address, container port) of a `ports` entry; no address: every interface."""
+    if isinstance(port, dict):
+        return port.get("host_ip"), int(str(port["target"]).split("/")[0])
+    text = str(port).split("/")[0]
+    if text.startswith("["):  # "[::1]:8000:8000"
+        host, _, rest = text[1:].partition("]:")
+        return host, int(rest.rsplit(":", 1)[-1])
+    parts = text.split(":")
+    return (parts[0] if len(parts) == 3 else None), int(parts[-1])
+
+
+def loopback(host: str | None) -> bool:
+    return host is not None and (host == "localhost" or ipaddress.ip_address(host).is_loopback)
+
+
+def requires_api_keys(spec: dict[str, Any]) -> bool:
+    """Compose refuses to start the service while HMEM_API_KEYS is unset or empty."""
+    value = spec_env(spec).get("HMEM_API_KEYS") or ""
+    return re.fullmatch(r"\$\{HMEM_API_KEYS:\?[^}]+\}", value) is not None
+
+
+def test_published_port_parsing() -> None:
+    assert published("127.0.0.1:8000:8000") == ("127.0.0.1", 8000)
+    assert published("8000:8000") == (None, 8000)
+    assert published("8000") == (None, 8000)
+    assert published("[::1]:8000:8000/tcp") == ("::1", 8000)
+    assert published({"target": 8000, "host_ip": "192.0.2.1"}) == ("192.0.2.1", 8000)
+
+
+def test_compose_publishes_every_port_on_loopback_only() -> None:
+    for name, spec in compose()["services"].items():
+        for port in spec.get("ports", []):
+            host, _ = published(port)
+            assert loopback(host), f"compose publishes {name}'s {port!r} beyond this machine"
+    for published_flag in re.findall(r"docker run .*?-p\s+(\S+)", deploy_doc()):
+        assert loopback(published(published_flag)[0]), (
+            f"docs/deploy.md: docker run -p {published_flag}"
+        )
+
+
+@pytest.mark.parametrize("override", list(doc_overrides()))
+def test_no_override_publishes_the_server_beyond_loopback_without_keys(override: str) -> None:
+    for name, spec in doc_overrides()[override]["services"].items():
+        assert name in compose()["services"], f"{override}: no service {name!r} to override"
+        beyond = [p for p in spec.get("ports", []) if not loopback(published(p)[0])]
+        if beyond:
+            assert requires_api_keys(spec), f"{override}: {name} publishes {beyond} without keys"
+            assert {published(p)[1] for p in beyond} <= container_ports(name)
+        for variable in [v for v in spec_env(spec) if v.startswith("HMEM_")]:
+            field_name = variable.removeprefix("HMEM_").split("__")[0].lower()
+            assert field_name in Settings.model_fields, f"{override}: {variable} is no setting"
+
+
+def test_the_docs_show_how_to_publish_the_server_with_keys() -> None:
+    publishing = [
+        spec
+        for override in doc_overrides().values()
+        for spec in override["services"].values()
+        if any(not loopback(published(p)[0]) for p in spec.get("ports", []))
+    ]
+    assert publishing, "docs/deploy.md shows no override that publishes the server"
+    assert all(requires_api_keys(spec) for spec in publishing)
+
+
+def test_the_own_bank_override_gives_both_services_the_same_mounted_bank() -> None:
+    (override,) = [o for o in doc_overrides().values() if "HMEM_BANK" in json.dumps(o)]
+    specs = override["services"]
+    assert set(specs) == set(COMPOSE_SERVICES_OF_IMAGE)
+    banks = {name: spec_env(spec)["HMEM_BANK"] for name, spec in specs.items()}
+    bank = banks["hmem"]
+    assert bank is not None
+    assert set(banks.values()) == {bank}, banks
+    assert Path(bank).is_absolute()
+    for name, spec in specs.items():
+        assert bank in spec_mounts(spec), f"{name} does not mount the bank at {bank}"
+        # Not the state volume: the bank is read, the state written.
+        assert bank != container_env(name)["HMEM_DATA_DIR"]
+    # bank-init names no bank, so it pushes the bank of its settings: HMEM_BANK.
+    push = build_parser().parse_args(image_argv(service("bank-init")["command"])[1:])
+    assert push.bank is None

@@ -18,6 +18,7 @@ from tiers.errors import (
     BlockNotFoundError,
     CircuitOpenError,
     ConfigError,
+    CorruptBlockError,
     FetchFailedError,
     FetchTimeoutError,
     IntegrityError,
@@ -26,7 +27,7 @@ from tiers.errors import (
     TierFullError,
     TierUnavailableError,
 )
-from tiers.keys import BlockKey, validate_key
+from tiers.keys import BlockKey, parse_storage_key, storage_key, validate_key
 from tiers.lmdb_tier import LmdbTier
 from tiers.metrics import StoreMetrics
 from tiers.profiles import DeviceProfile, ProfiledTier, load_profiles
@@ -46,6 +47,7 @@ __all__ = [
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigError",
+    "CorruptBlockError",
     "DeviceProfile",
     "DiskTier",
     "FetchFailedError",
@@ -69,6 +71,8 @@ __all__ = [
     "build_store",
     "load_profiles",
     "open_tier",
+    "parse_storage_key",
+    "storage_key",
     "tier_from_uri",
     "validate_key",
 ]

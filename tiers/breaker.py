@@ -3,7 +3,8 @@
 Closed: calls go through; `failure_threshold` consecutive failures open it. Open: calls are
 refused at once (`CircuitOpenError`) for `reset_timeout_s`. Half-open: one probe call goes
 through; its success closes the breaker, its failure opens it again. State changes are computed
-from the clock when asked, so nothing polls.
+from the clock when asked, so nothing polls. What counts as a failure is the caller's choice: the
+store records errors, tier timeouts, and reads still running when a caller's deadline passes.
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ class CircuitBreaker:
             return BreakerState.HALF_OPEN
         return BreakerState.OPEN
 
+    @property
+    def opened_at(self) -> float | None:
+        """The clock's time when the breaker last opened; None while it is closed."""
+        return self._opened_at
+
     def before_call(self) -> bool:
         """Raise `CircuitOpenError` unless a call may go to the tier now; True for a probe."""
         state = self.state
@@ -68,12 +74,15 @@ class CircuitBreaker:
         self._opened_at = None
         self._probing = False
 
-    def record_failure(self) -> None:
+    def record_failure(self) -> bool:
+        """Count a failure; True when it opened the breaker (so the caller can say so, once)."""
         self._failures += 1
         if self._probing or (self._opened_at is None and self._failures >= self.failure_threshold):
             self.opened_count += 1
             self._opened_at = self._clock()
             self._probing = False
+            return True
+        return False
 
     def release_probe(self) -> None:
         """The probe ended with neither success nor failure (cancelled): let another probe."""

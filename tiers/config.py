@@ -88,6 +88,11 @@ class StoreConfig(BaseModel):
     breaker_reset_s: float = Field(5.0, gt=0)
     failure_ttl_s: float = Field(2.0, ge=0)
     promote: bool = True
+    # A read pending this long starts the next tier of its chain beside it: seconds, "auto"
+    # (a quarter of deadline_s), or "off" (TOML has no null).
+    hedge_after_s: float | Literal["auto", "off"] | None = "auto"
+    # A tier read still running when its caller's deadline passes counts against its breaker.
+    count_deadline_misses: bool = True
     profiles_file: Path | None = None
 
     @model_validator(mode="before")
@@ -123,6 +128,9 @@ class StoreConfig(BaseModel):
         for name, tier in self.tiers.items():
             if tier.cap is not None and name not in self.cache_tiers:
                 raise ValueError(f"tiers.{name}.cap: only cache tiers are capped (a home is not)")
+        hedge = self.hedge_after_s
+        if isinstance(hedge, float | int) and hedge <= 0:
+            raise ValueError(f'hedge_after_s: seconds > 0, "auto" or "off", got {hedge}')
         return self
 
     def policy(self) -> StorePolicy:
@@ -133,6 +141,8 @@ class StoreConfig(BaseModel):
             breaker_reset_s=self.breaker_reset_s,
             failure_ttl_s=self.failure_ttl_s,
             promote=self.promote,
+            hedge_after_s=None if self.hedge_after_s == "off" else self.hedge_after_s,
+            count_deadline_misses=self.count_deadline_misses,
         )
 
 

@@ -83,3 +83,17 @@ class FetchFailedError(TierError):
         super().__init__(f"block {key!r} could not be fetched: {detail}")
         self.key = key
         self.causes = causes
+
+
+class CorruptBlockError(FetchFailedError):
+    """No tier served a good copy, and at least one held a copy that failed verification.
+
+    The block is not unavailable but bad where it was found: re-push it (`hmem bank push`), or
+    let the store repair it from a good copy once one can be read. `corrupt` names the tiers
+    whose copy failed, in chain order.
+    """
+
+    def __init__(self, key: str, causes: list[TierError]) -> None:
+        super().__init__(key, causes)
+        bad = (c.tier for c in causes if isinstance(c, IntegrityError))
+        self.corrupt: tuple[str, ...] = tuple(dict.fromkeys(bad))

@@ -1,9 +1,13 @@
-"""Block keys: the one name a block has in every tier, validated before any tier sees it.
+"""Block keys: which block (`BlockKey`), and the name its bytes have in every tier.
 
-A key is `{bank_id}/L{level}/{node_id}` for bank blocks (`BlockKey`), but tiers accept any key of
-slash-separated segments from a fixed character set. Validation rejects everything that could
-escape a tier's root or confuse an S3 prefix: `..`, absolute paths, empty segments, control
-characters, backslashes, and keys longer than `MAX_KEY_BYTES`.
+A block is `{bank_id}/L{level}/{node_id}` (`BlockKey`): what the cache, the router and the
+blocklist speak of. In a tier, a block's copy is named after its content too:
+`{bank_id}/L{level}/{node_id}.{sha256[:16]}` (`storage_key`). A rebuilt bank's blocks therefore
+have new names, and a copy left by an earlier build is never read, trusted or counted as present
+(docs/tiers.md). Tiers accept any key of slash-separated segments from a fixed character set.
+Validation rejects everything that could escape a tier's root or confuse an S3 prefix: `..`,
+absolute paths, empty segments, control characters, backslashes, and keys longer than
+`MAX_KEY_BYTES`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ _BANK_ID_RE = re.compile(_SEGMENT)
 _BLOCK_RE = re.compile(
     rf"(?P<bank>{_SEGMENT})/L(?P<level>[1-9][0-9]?)/(?P<node>0|[1-9][0-9]{{0,11}})"
 )
+_STORED_RE = re.compile(rf"(?P<block>{_BLOCK_RE.pattern})\.(?P<content>[0-9a-f]{{16}})")
+CONTENT_CHARS = 16  # hex digits of a block's sha256 in its storage name: 64 bits
 
 
 def validate_key(key: str) -> str:
@@ -67,3 +73,24 @@ class BlockKey:
         if m is None:
             raise InvalidKeyError(f"{key!r} is not a block key of the form bank/L<level>/<node>")
         return cls(m["bank"], int(m["level"]), int(m["node"]))
+
+
+def storage_key(key: BlockKey | str, sha256: str | None) -> str:
+    """The name of a block's copy in a tier: its key and the first 16 hex digits of its sha256.
+
+    Without a digest (a store that verifies nothing, as benchmarks of raw tiers use), the name
+    is the key itself.
+    """
+    if sha256 is None:
+        return str(key)
+    if len(sha256) < CONTENT_CHARS:
+        raise InvalidKeyError(f"a sha256 of {len(sha256)} hex digits is too short for {key}")
+    return f"{key}.{sha256[:CONTENT_CHARS].lower()}"
+
+
+def parse_storage_key(name: str) -> tuple[BlockKey, str] | None:
+    """(the block, its content prefix) of a storage name; None for any other name."""
+    m = _STORED_RE.fullmatch(name)
+    if m is None:
+        return None
+    return BlockKey(m["bank"], int(m["level"]), int(m["node"])), m["content"]

@@ -8,7 +8,7 @@ tiers) are read from their owners at scrape time by a collector, so they can nev
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -31,6 +31,7 @@ class StoreSnapshot:
     cache: CacheStats
     breakers: dict[str, BreakerState]
     capped: dict[str, tuple[int, int, int, int]]  # tier -> (bytes, cap, evictions, evicted bytes)
+    unrepaired: dict[int, int] = field(default_factory=dict)  # level -> blocks with no good copy
 
 
 class StoreMetrics:
@@ -64,14 +65,41 @@ class StoreMetrics:
         )
         self.fetches = Counter(
             "hmem_block_fetches",
-            "Block fetches by outcome: cached, loaded, timeout, not_found, failed",
+            "Block fetches by outcome: cached, loaded, timeout, not_found, corrupt, failed",
             ["level", "outcome"],
             registry=r,
         )
         self.promotions = Counter(
             "hmem_tier_promotions",
-            "Blocks written into a faster tier after a read (promotion or repair), by result",
+            "Blocks written into a cache tier that missed them, by result: ok, error, skipped",
             ["tier", "result"],
+            registry=r,
+        )
+        self.corrupt = Counter(
+            "hmem_tier_corrupt",
+            "Copies read from a tier that failed verification (size, sha256 or decoding)",
+            ["tier", "level"],
+            registry=r,
+        )
+        self.repairs = Counter(
+            "hmem_tier_repairs",
+            "Corrupt copies overwritten with verified bytes from another tier, by result: ok, "
+            "error, skipped (read-only tier, writes off or too many in flight)",
+            ["tier", "result"],
+            registry=r,
+        )
+        self.hedges = Counter(
+            "hmem_store_hedges",
+            "Reads of the next tier started because a read was still pending after "
+            "hedge_after_s, by result: won (it served the block) or lost",
+            ["level", "result"],
+            registry=r,
+        )
+        self.deadline_misses = Counter(
+            "hmem_tier_deadline_misses",
+            "Tier reads still running when a caller's deadline passed (each counts against the "
+            "tier's circuit breaker, then)",
+            ["tier", "level"],
             registry=r,
         )
 
@@ -116,11 +144,19 @@ class _StateCollector(Collector):
         evicted = CounterMetricFamily(
             "hmem_cache_evicted_bytes", "Bytes evicted from a cache", labels=["cache"]
         )
+        unrepaired = GaugeMetricFamily(
+            "hmem_store_unrepaired_blocks",
+            "Blocks of a level last found corrupt in every tier that held them (no good copy)",
+            labels=["level"],
+        )
         families: list[GaugeMetricFamily | CounterMetricFamily] = [
             breaker, cache_bytes, cache_cap, pinned, entries, lookups, evictions, evicted,
+            unrepaired,
         ]  # fmt: skip
         if s is None:
             return families
+        for level, n in sorted(s.unrepaired.items()):
+            unrepaired.add_metric([str(level)], n)
         for tier, state in s.breakers.items():
             breaker.add_metric([tier], int(state))
         c = s.cache

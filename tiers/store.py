@@ -1,135 +1,80 @@
 """`TieredStore`: read-through fetching of memory blocks across RAM, flash, disk and cloud.
 
 A block's chain is the RAM cache, then the cache tiers (capped tiers in front of slower homes),
-then the tiers its level is placed on (home first, then replicas). A read walks the chain until
-a tier returns bytes that match the block's expected size and sha256; the verified bytes are
-decoded on the tier's worker thread, cached in RAM, and promoted into the cache tiers the read
-passed over (and written back over any corrupt copy found on the way), in the background.
+then the tiers its level is placed on (home first, then replicas, then any tier added with
+`add_tier`, such as the bank directory as a read-only origin). In every tier a block's copy is
+named after its content (`tiers.keys.storage_key`), so a copy left by another build is never read;
+the RAM cache and every caller speak of the logical `BlockKey`. A read walks the chain until a
+tier returns bytes that match the block's expected size and sha256; the verified bytes are
+decoded on the tier's worker thread, cached in RAM, promoted into the cache tiers the read passed
+over, and written over any corrupt copy found on the way (a repair), in the background. Corrupt
+copies are reported in `Fetched.corrupt`; a block with no good copy anywhere fails with
+`CorruptBlockError` and is listed by `unrepaired()` until a good copy is served.
 
-Every fetch has a deadline; a tier that fails repeatedly is cut off by its circuit breaker and
-probed back; a failure of one key on one tier is remembered for `failure_ttl_s` only. Fetching a
+Every fetch has a deadline. A tier that fails, or is still reading when a caller's deadline
+passes without having answered any read meanwhile, counts against its circuit breaker; an open
+breaker stops reads to it until a probe succeeds. A read still pending after `hedge_after_s`
+starts the next tier's read beside it (a hedge); the first verified copy wins and the others are
+cancelled. A failure of one key on one tier is remembered for `failure_ttl_s` only. Fetching a
 prompt's path reads all its levels concurrently, and never raises: each block's outcome is
 reported in its `Fetched`.
+
+The walk down a chain (admission, hedged reads, deadline misses) is `tiers.walk`; the values the
+store speaks are `tiers.blocks`, its settings `tiers.policy`. This module keeps the API, the
+layout, the RAM cache's loader and the background writes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Generic, TypeVar
 
-from tiers.base import Tier, to_bytes
+from tiers.base import Tier
+from tiers.blocks import BlockCodec, BlockDigest, BytesCodec, Fetched, StoredBlock
 from tiers.breaker import CircuitBreaker
 from tiers.cache import BlockCache
 from tiers.capped import CappedTier
 from tiers.errors import (
     BlockNotFoundError,
-    CircuitOpenError,
     ConfigError,
+    CorruptBlockError,
     FetchFailedError,
     FetchTimeoutError,
-    IntegrityError,
     TierError,
     TierUnavailableError,
 )
-from tiers.keys import BlockKey
+from tiers.keys import BlockKey, storage_key
 from tiers.metrics import StoreMetrics, StoreSnapshot
+from tiers.policy import StorePolicy
+from tiers.walk import ChainReader, Walk
+
+# The values and policy the store speaks live in tiers.blocks and tiers.policy; still exported here.
+__all__ = [
+    "BlockCodec",
+    "BlockDigest",
+    "BytesCodec",
+    "Fetched",
+    "StorePolicy",
+    "StoredBlock",
+    "TieredStore",
+]
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
 RAM = "ram"
 
 
-@dataclass(frozen=True, slots=True)
-class BlockDigest:
-    """What a block must be: its size and sha256 (hex), from the bank manifest."""
-
-    nbytes: int
-    sha256: str
-
-
-class BlockCodec(Protocol[V]):
-    """Turns verified bytes into the value the cache holds, on the tier's worker thread."""
-
-    def decode(self, view: memoryview) -> V: ...
-
-    def nbytes(self, value: V) -> int: ...
-
-
-class BytesCodec:
-    """The identity codec: blocks stay bytes."""
-
-    def decode(self, view: memoryview) -> bytes:
-        return to_bytes(view)
-
-    def nbytes(self, value: bytes) -> int:
-        return len(value)
-
-
-@dataclass(frozen=True, slots=True)
-class StorePolicy:
-    """Deadlines, breaker and background-write settings. Defaults suit an interactive server."""
-
-    deadline_s: float = 2.0  # a caller's wait for one block, through every tier tried
-    # One tier read. It may outlive its caller's deadline so that a late block still lands in
-    # the cache for the next prompt; None: 4 x deadline_s.
-    tier_timeout_s: float | None = None
-    breaker_failures: int = 5
-    breaker_reset_s: float = 5.0
-    failure_ttl_s: float = 2.0  # how long a key's failure on a tier is remembered
-    max_background_writes: int = 64  # promotions in flight; beyond, promotions are skipped
-    promote: bool = True
-
-    def __post_init__(self) -> None:
-        if self.deadline_s <= 0:
-            raise ConfigError(f"deadline_s must be > 0, got {self.deadline_s}")
-        if self.tier_timeout_s is not None and self.tier_timeout_s <= 0:
-            raise ConfigError(f"tier_timeout_s must be > 0, got {self.tier_timeout_s}")
-        if self.failure_ttl_s < 0:
-            raise ConfigError(f"failure_ttl_s must be >= 0, got {self.failure_ttl_s}")
-
-    @property
-    def tier_read_timeout_s(self) -> float:
-        return self.tier_timeout_s if self.tier_timeout_s is not None else 4 * self.deadline_s
-
-
-@dataclass(frozen=True, slots=True)
-class StoredBlock(Generic[V]):
-    """A decoded block in the RAM cache, with the tier it was read from."""
-
-    value: V
-    nbytes: int
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
-class Fetched(Generic[V]):
-    """The outcome of fetching one block. `value` is None exactly when `error` is set."""
-
-    key: BlockKey
-    value: V | None
-    tier: str | None  # the tier that served it ("ram" for a cache hit); None on failure
-    cached: bool
-    seconds: float
-    error: TierError | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass
-class _Walk:
-    """What one load saw on its way down the chain."""
-
-    errors: list[TierError] = field(default_factory=list)
-    tried: list[str] = field(default_factory=list)
-    passed_over: list[str] = field(default_factory=list)  # cache tiers that missed
-    corrupt: list[str] = field(default_factory=list)
+def _declares_read_only(tier: Tier) -> bool:
+    """Whether `tier`, or a tier it wraps, says `read_only = True`."""
+    t: object = tier
+    while t is not None:
+        if getattr(t, "read_only", False) is True:
+            return True
+        t = getattr(t, "inner", None)
+    return False
 
 
 class TieredStore(Generic[V]):
@@ -150,25 +95,26 @@ class TieredStore(Generic[V]):
         self.tiers = dict(tiers)
         self.placement = {int(level): list(names) for level, names in placement.items()}
         self.cache_tiers = list(cache_tiers)
+        self.read_only = {name for name, t in self.tiers.items() if _declares_read_only(t)}
         self.codec = codec
         self.ram = ram
         self.digests = digests
         self.policy = policy or StorePolicy()
         self.metrics = metrics or StoreMetrics()
         self._check_layout()
-        self.breakers = {
-            name: CircuitBreaker(
-                name,
-                failure_threshold=self.policy.breaker_failures,
-                reset_timeout_s=self.policy.breaker_reset_s,
-            )
-            for name in self.tiers
-        }
-        self._recent_failures: dict[tuple[str, str], float] = {}
+        self.breakers = {name: self._breaker(name) for name in self.tiers}
         self._cost_s: dict[int, float] = {}  # EWMA of load time per level: the refetch cost
+        self._reader = ChainReader(self)
+        self._unrepaired: dict[int, set[BlockKey]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self.metrics.watch(self.snapshot)
+
+    def _breaker(self, name: str) -> CircuitBreaker:
+        p = self.policy
+        return CircuitBreaker(
+            name, failure_threshold=p.breaker_failures, reset_timeout_s=p.breaker_reset_s
+        )
 
     def _check_layout(self) -> None:
         if not self.placement:
@@ -184,8 +130,31 @@ class TieredStore(Generic[V]):
         for name in self.cache_tiers:
             if name not in self.tiers:
                 raise ConfigError(f"cache tier {name!r} is not a configured tier")
+            if name in self.read_only:
+                raise ConfigError(f"cache tier {name!r} is read-only: promotion writes a cache")
         if RAM in self.tiers:
             raise ConfigError(f"tier name {RAM!r} is reserved for the RAM cache")
+
+    def add_tier(
+        self, name: str, tier: Tier, *, levels: Iterable[int], read_only: bool = False
+    ) -> None:
+        """Read `tier` last for each of `levels`, after their homes and replicas.
+
+        The server adds the bank directory so: the origin of every level, which repairs copy
+        from. The store never writes a read-only tier (`read_only=True`, or a tier that says
+        `read_only = True`); a corrupt copy there is reported and left.
+        """
+        if name == RAM or name in self.tiers:
+            raise ConfigError(f"tier name {name!r} is taken")
+        wanted = sorted(set(levels))
+        if not wanted or wanted[0] < 1:
+            raise ConfigError(f"tier {name!r}: give the levels (from 1) it serves, got {wanted}")
+        self.tiers[name] = tier
+        self.breakers[name] = self._breaker(name)
+        if read_only or _declares_read_only(tier):
+            self.read_only.add(name)
+        for level in wanted:
+            self.placement.setdefault(level, []).append(name)
 
     async def open(self) -> None:
         """Rebuild the accounting of capped cache tiers from what they hold."""
@@ -201,6 +170,16 @@ class TieredStore(Generic[V]):
         except KeyError:
             raise ConfigError(f"no placement for level {level}") from None
         return [*self.cache_tiers, *homes]
+
+    def storage_name(self, key: BlockKey) -> str:
+        """The name of `key`'s copy in every tier: content-suffixed when the store has digests."""
+        if self.digests is None:
+            return str(key)
+        return storage_key(key, self.digests[str(key)].sha256)
+
+    def unrepaired(self) -> dict[int, set[BlockKey]]:
+        """Blocks, by level, whose last load found corrupt copies and no good one."""
+        return {level: set(keys) for level, keys in self._unrepaired.items() if keys}
 
     # -- fetching -------------------------------------------------------------------------------
 
@@ -236,10 +215,18 @@ class TieredStore(Generic[V]):
         except TimeoutError:
             elapsed = time.perf_counter() - started
             self.metrics.fetches.labels(level, "timeout").inc()
-            return Fetched(key, None, None, False, elapsed, FetchTimeoutError(skey, deadline))
+            corrupt = self._reader.deadline_passed(
+                key, late_s=elapsed - deadline, deadline_s=deadline
+            )
+            error = FetchTimeoutError(skey, deadline)
+            return Fetched(key, None, None, False, elapsed, error, corrupt)
         except BlockNotFoundError as exc:
             self.metrics.fetches.labels(level, "not_found").inc()
             return Fetched(key, None, None, False, time.perf_counter() - started, exc)
+        except CorruptBlockError as exc:
+            self.metrics.fetches.labels(level, "corrupt").inc()
+            elapsed = time.perf_counter() - started
+            return Fetched(key, None, None, False, elapsed, exc, exc.corrupt)
         except TierError as exc:
             self.metrics.fetches.labels(level, "failed").inc()
             return Fetched(key, None, None, False, time.perf_counter() - started, exc)
@@ -247,7 +234,8 @@ class TieredStore(Generic[V]):
         source = RAM if cached else block.source
         self.metrics.fetches.labels(level, "cached" if cached else "loaded").inc()
         self.metrics.fetch_seconds.labels(level, source).observe(elapsed)
-        return Fetched(key, block.value, source, cached, elapsed)
+        corrupt = () if cached else block.corrupt
+        return Fetched(key, block.value, source, cached, elapsed, None, corrupt)
 
     def _ram_hit(self, key: BlockKey, started: float) -> Fetched[V] | None:
         """A RAM-cache hit, answered without a deadline scope or a task (the common case).
@@ -281,145 +269,91 @@ class TieredStore(Generic[V]):
 
     # -- one load down the chain ----------------------------------------------------------------
 
-    def _consume(
-        self, tier: str, skey: str, keep_raw: bool
-    ) -> Callable[[memoryview], tuple[V, bytes | None, int]]:
-        expected = None if self.digests is None else self.digests[skey]
-        codec = self.codec
-
-        def consume(view: memoryview) -> tuple[V, bytes | None, int]:
-            # Runs on the tier's worker thread, while the view is valid; hashlib drops the GIL.
-            if expected is not None:
-                if view.nbytes != expected.nbytes:
-                    raise IntegrityError(
-                        tier, skey, f"{view.nbytes} bytes, expected {expected.nbytes}"
-                    )
-                if hashlib.sha256(view).hexdigest() != expected.sha256:
-                    raise IntegrityError(tier, skey, "sha256 mismatch")
-            try:
-                value = codec.decode(view)
-            except (ValueError, TypeError) as exc:
-                # Verified bytes that do not decode: the bank itself is wrong. Not a tier failure,
-                # and never raised out of `fetch`.
-                raise IntegrityError(tier, skey, f"cannot decode: {exc}") from exc
-            return value, (to_bytes(view) if keep_raw else None), view.nbytes
-
-        return consume
-
-    def _recently_failed(self, tier: str, skey: str) -> bool:
-        until = self._recent_failures.get((tier, skey))
-        if until is None:
-            return False
-        if time.monotonic() < until:
-            return True
-        del self._recent_failures[(tier, skey)]
-        return False
-
-    def _remember_failure(self, tier: str, skey: str) -> None:
-        now = time.monotonic()
-        if len(self._recent_failures) > 10_000:
-            self._recent_failures = {k: t for k, t in self._recent_failures.items() if t > now}
-        self._recent_failures[(tier, skey)] = now + self.policy.failure_ttl_s
-
     async def _load(self, key: BlockKey) -> tuple[StoredBlock[V], int]:
+        """The RAM cache's loader: walk `key`'s chain (`tiers.walk`), then promote and repair."""
         skey = str(key)
-        walk = _Walk()
+        name = self.storage_name(key)
+        walk = Walk()
         load_started = time.perf_counter()
-        for name in self.chain(key.level):
-            walk.tried.append(name)
-            result = await self._read_one(name, key, walk)
-            if result is None:
-                continue
-            value, raw, _ = result
-            nbytes = self.codec.nbytes(value)
-            elapsed = time.perf_counter() - load_started
-            prev = self._cost_s.get(key.level)
-            self._cost_s[key.level] = elapsed if prev is None else 0.8 * prev + 0.2 * elapsed
-            if raw is not None:
-                for target in dict.fromkeys([*walk.passed_over, *walk.corrupt]):
-                    self._write_back(target, skey, raw)
-            return StoredBlock(value, nbytes, name), nbytes
-        if not walk.errors:
-            raise BlockNotFoundError(skey, walk.tried)
-        log.warning("block %s: every tier failed: %s", skey, "; ".join(map(str, walk.errors)))
-        raise FetchFailedError(skey, walk.errors)
-
-    async def _read_one(
-        self, name: str, key: BlockKey, walk: _Walk
-    ) -> tuple[V, bytes | None, int] | None:
-        """Read `key` from tier `name`; None (and `walk` updated) when it cannot serve it."""
-        skey, level = str(key), str(key.level)
-        reads = self.metrics.tier_reads
-        if self._recently_failed(name, skey):
-            reads.labels(name, level, "skipped").inc()
-            walk.errors.append(TierUnavailableError(name, "failed recently; not retried yet"))
-            return None
-        breaker = self.breakers[name]
-        try:
-            probe = breaker.before_call()
-        except CircuitOpenError as exc:
-            reads.labels(name, level, "skipped").inc()
-            walk.errors.append(exc)
-            return None
-        keep_raw = self.policy.promote and bool(walk.passed_over or walk.corrupt)
-        started = time.perf_counter()
-        try:
-            consume = self._consume(name, skey, keep_raw)
-            async with asyncio.timeout(self.policy.tier_read_timeout_s):
-                result = await self.tiers[name].read(skey, consume)
-        except IntegrityError as exc:
-            breaker.record_success()  # the tier answered; its copy is bad
-            reads.labels(name, level, "corrupt").inc()
-            log.error("%s", exc)
-            walk.errors.append(exc)
-            walk.corrupt.append(name)
-            return None
-        except TimeoutError:
-            breaker.record_failure()
-            self._remember_failure(name, skey)
-            reads.labels(name, level, "timeout").inc()
-            walk.errors.append(TierUnavailableError(name, "read timed out"))
-            return None
-        except TierError as exc:
-            breaker.record_failure()
-            self._remember_failure(name, skey)
-            reads.labels(name, level, "error").inc()
-            walk.errors.append(exc)
-            return None
-        except asyncio.CancelledError:
-            if probe:
-                breaker.release_probe()
-            raise
-        breaker.record_success()
-        if result is None:
-            reads.labels(name, level, "miss").inc()
-            if name in self.cache_tiers:
-                walk.passed_over.append(name)
-            return None
-        reads.labels(name, level, "hit").inc()
-        self.metrics.tier_read_seconds.labels(name, level).observe(time.perf_counter() - started)
-        self.metrics.tier_read_bytes.labels(name, level).inc(result[2])
-        return result
+        found = await self._reader.walk_chain(key, name, walk)
+        corrupt = tuple(dict.fromkeys(walk.corrupt))
+        if found is None:
+            if corrupt:
+                self._unrepaired.setdefault(key.level, set()).add(key)
+                log.error("block %s: no good copy in any tier; corrupt in %s", skey, corrupt)
+                raise CorruptBlockError(skey, walk.errors)
+            if not walk.errors:
+                raise BlockNotFoundError(skey, walk.tried)
+            log.warning("block %s: every tier failed: %s", skey, "; ".join(map(str, walk.errors)))
+            raise FetchFailedError(skey, walk.errors)
+        source, (value, raw, _) = found
+        nbytes = self.codec.nbytes(value)
+        elapsed = time.perf_counter() - load_started
+        prev = self._cost_s.get(key.level)
+        self._cost_s[key.level] = elapsed if prev is None else 0.8 * prev + 0.2 * elapsed
+        for target in dict.fromkeys(walk.passed_over):
+            self._write_back(target, key, name, raw, source=source, repair=False)
+        for target in corrupt:
+            self._write_back(target, key, name, raw, source=source, repair=True)
+        served_again = self._unrepaired.get(key.level)
+        if served_again is not None and key in served_again:
+            served_again.discard(key)
+            log.warning("block %s: a verified copy was served again (from %r)", skey, source)
+        return StoredBlock(value, nbytes, source, corrupt), nbytes
 
     # -- background writes ----------------------------------------------------------------------
 
-    def _write_back(self, tier: str, skey: str, raw: bytes) -> None:
-        """Promote verified bytes into a faster tier, or repair a corrupt copy, off the path."""
-        if len(self._background) >= self.policy.max_background_writes or self._closed:
-            self.metrics.promotions.labels(tier, "skipped").inc()
+    def _write_back(
+        self,
+        target: str,
+        key: BlockKey,
+        name: str,
+        raw: bytes | None,
+        *,
+        source: str,
+        repair: bool,
+    ) -> None:
+        """Promote verified bytes into a cache tier, or repair a corrupt copy, off the path."""
+        counter = self.metrics.repairs if repair else self.metrics.promotions
+        if not repair and not self.policy.promote:
             return
-        task = asyncio.create_task(self._put_quietly(tier, skey, raw), name=f"promote:{skey}")
+        why = None
+        if target in self.read_only:
+            why = "the tier is read-only"
+        elif not self.policy.promote:
+            why = "writes are off (promote = false)"
+        elif raw is None:
+            why = "no verified bytes were kept"
+        elif self._closed or len(self._background) >= self.policy.max_background_writes:
+            why = "too many background writes in flight"
+        if why is not None or raw is None:
+            counter.labels(target, "skipped").inc()
+            if repair:
+                log.warning("block %s: corrupt copy in tier %r not repaired: %s", key, target, why)
+            return
+        put = self._put_quietly(target, key, name, raw, repair_from=source if repair else None)
+        task = asyncio.create_task(put, name=f"write:{target}:{name}")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _put_quietly(self, tier: str, skey: str, raw: bytes) -> None:
+    async def _put_quietly(
+        self, tier: str, key: BlockKey, name: str, raw: bytes, *, repair_from: str | None
+    ) -> None:
+        counter = self.metrics.promotions if repair_from is None else self.metrics.repairs
         try:
-            await self.tiers[tier].put(skey, raw)
+            await self.tiers[tier].put(name, raw)
         except Exception as exc:  # a background write must not die unobserved, whatever failed
-            self.metrics.promotions.labels(tier, "error").inc()
-            log.warning("could not write block %s to tier %r: %s", skey, tier, exc)
+            counter.labels(tier, "error").inc()
+            log.warning("could not write block %s to tier %r: %s", key, tier, exc)
             return
-        self.metrics.promotions.labels(tier, "ok").inc()
+        counter.labels(tier, "ok").inc()
+        if repair_from is not None:
+            log.warning(
+                "block %s: repaired the corrupt copy in tier %r from tier %r",
+                key,
+                tier,
+                repair_from,
+            )
 
     async def drain(self) -> None:
         """Wait for the background writes in flight (tests, orderly shutdown)."""
@@ -438,6 +372,7 @@ class TieredStore(Generic[V]):
             cache=self.ram.stats(),
             breakers={name: b.state for name, b in self.breakers.items()},
             capped=capped,
+            unrepaired={level: len(keys) for level, keys in self._unrepaired.items()},
         )
 
     async def aclose(self) -> None:

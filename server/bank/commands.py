@@ -1,13 +1,19 @@
 """The `hmem bank` commands: `push` copies a bank's blocks to their tiers, `verify` checks them.
 
     hmem bank push BANK --tier 1=lmdb:/data/flash --tier 2=/data/disk --tier 3=s3://b/p \\
-        [--endpoint-url URL] [--region R] [--create-bucket] [--concurrency N] [--no-progress]
+        [--endpoint-url URL] [--region R] [--create-bucket] [--concurrency N] [--no-progress] \\
+        [--trust-existing] [--prune]
     hmem bank push BANK --config hmem.toml        # the placement of the settings' [store]
-    hmem bank verify BANK (same tier flags)
+    hmem bank verify BANK (same tier flags) [--repair]
+
+`push` writes what is missing or corrupt: copies already there are read back and checked against
+the manifest's sha256 (`--trust-existing` takes their name and size instead, for huge banks).
+`verify --repair` rewrites every missing or corrupt copy from the bank directory. Both list stale
+copies (this bank's names that no block of this build has); `push --prune` deletes them.
 
 `register` adds the group to the CLI's subparsers. Each command returns its exit code: 0 done,
-1 verify found missing or corrupt blocks, 2 an error (one line on stderr, `hmem: error: ...`),
-130 interrupted (a push resumes where it stopped when run again).
+1 verify found missing or corrupt blocks (and did not repair them all), 2 an error (one line on
+stderr, `hmem: error: ...`), 130 interrupted (a push resumes where it stopped when run again).
 """
 
 from __future__ import annotations
@@ -48,15 +54,27 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     push = bank_commands.add_parser(
         "push",
-        help="copy every block to its level's tiers (skips blocks already there)",
+        help="copy every block to its level's tiers (writes what is missing or corrupt)",
         description="Copy every block of BANK to the tiers its level is placed on. Resumable: "
-        "blocks already in a tier with the right size are skipped.",
+        "copies already in a tier are read back and kept when their sha256 matches the "
+        "manifest; missing ones are written and corrupt ones rewritten.",
     )
     _add_common(push)
     push.add_argument(
         "--create-bucket",
         action="store_true",
         help="create the S3 buckets of the placement first if they do not exist",
+    )
+    push.add_argument(
+        "--trust-existing",
+        action="store_true",
+        help="keep copies already there with the right name and size without reading them "
+        "back (for banks too large to re-read; a corrupt copy of the right size stays)",
+    )
+    push.add_argument(
+        "--prune",
+        action="store_true",
+        help="delete this bank's stale copies: other builds' and unsuffixed names",
     )
     push.set_defaults(run=_command(_push))
 
@@ -65,6 +83,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="check that every block is in its tiers with the manifest's size and sha256",
     )
     _add_common(verify)
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="rewrite every missing or corrupt copy from the bank directory",
+    )
     verify.set_defaults(run=_command(_verify))
 
 
@@ -190,23 +213,41 @@ async def _push(args: argparse.Namespace) -> int:
             config.placement,
             concurrency=args.concurrency,
             progress=not args.no_progress,
+            trust_existing=args.trust_existing,
+            prune=args.prune,
         )
-    _print_push(bank, config, report)
+    _print_push(bank, config, report, pruned=args.prune)
     return 0
 
 
-def _print_push(bank: Bank, config: StoreConfig, report: PushReport) -> None:
+def _print_push(bank: Bank, config: StoreConfig, report: PushReport, *, pruned: bool) -> None:
     levels = _levels_of(config)
-    print(f"{'tier':<10} {'levels':<8} {'written':>8} {'skipped':>8} {'MiB':>10}  where")
-    for name, t in report.tiers.items():
-        where = tier_location(config.tiers[name])
-        mib = t.bytes_written / 2**20
-        print(f"{name:<10} {levels[name]:<8} {t.written:>8} {t.skipped:>8} {mib:>10.2f}  {where}")
+    columns = ("written", "checked", "trusted", "repaired", "stale")
     print(
-        f"bank {bank.manifest.bank_id!r}: {report.written} blocks written "
-        f"({report.bytes_written / 2**20:.2f} MiB), {report.skipped} already there, "
-        f"in {report.seconds:.1f} s"
+        f"{'tier':<10} {'levels':<8} " + " ".join(f"{c:>8}" for c in columns) + "       MiB  where"
     )
+    for name, t in report.tiers.items():
+        counts = (t.written, t.checked, t.trusted, t.repaired, len(t.stale))
+        cells = " ".join(f"{n:>8}" for n in counts)
+        mib = t.bytes_written / 2**20
+        print(
+            f"{name:<10} {levels[name]:<8} {cells} {mib:>9.2f}  {tier_location(config.tiers[name])}"
+        )
+    total = report.total
+    kept = f"{total.checked} checked good (sha256)"
+    if total.trusted:
+        kept += f", {total.trusted} kept on name and size (--trust-existing)"
+    print(
+        f"bank {bank.manifest.bank_id!r}: {total.written} blocks written, {total.repaired} "
+        f"repaired ({total.bytes_written / 2**20:.2f} MiB), {kept}, in {report.seconds:.1f} s"
+    )
+    if total.stale and pruned:
+        print(f"  deleted {total.pruned} stale copies (other builds' and unsuffixed names)")
+    elif total.stale:
+        print(
+            f"  {len(total.stale)} stale copies (other builds' and unsuffixed names), "
+            f"e.g. {total.stale[0]}: --prune deletes them"
+        )
 
 
 async def _verify(args: argparse.Namespace) -> int:
@@ -220,6 +261,7 @@ async def _verify(args: argparse.Namespace) -> int:
             config.placement,
             concurrency=args.concurrency,
             progress=not args.no_progress,
+            repair=args.repair,
         )
     _print_verify(bank, config, report)
     return 0 if report.ok else 1
@@ -227,23 +269,30 @@ async def _verify(args: argparse.Namespace) -> int:
 
 def _print_verify(bank: Bank, config: StoreConfig, report: VerifyReport) -> None:
     levels = _levels_of(config)
-    print(f"{'tier':<10} {'levels':<8} {'ok':>6} {'missing':>8} {'corrupt':>8}  where")
+    columns = ("missing", "corrupt", "repaired", "stale")
+    print(
+        f"{'tier':<10} {'levels':<8} {'ok':>6} " + " ".join(f"{c:>8}" for c in columns) + "  where"
+    )
     for name, t in report.tiers.items():
-        where = tier_location(config.tiers[name])
+        counts = (len(t.missing), len(t.corrupt), len(t.repaired), len(t.stale))
+        cells = " ".join(f"{n:>8}" for n in counts)
         print(
-            f"{name:<10} {levels[name]:<8} {t.ok:>6} {len(t.missing):>8} {len(t.corrupt):>8}  "
-            f"{where}"
+            f"{name:<10} {levels[name]:<8} {t.ok:>6} {cells}  {tier_location(config.tiers[name])}"
         )
     for name, t in report.tiers.items():
-        for key in t.missing[:SHOWN_KEYS]:
-            print(f"  {name}: missing {key}")
-        if len(t.missing) > SHOWN_KEYS:
-            print(f"  {name}: ... and {len(t.missing) - SHOWN_KEYS} more missing")
-        for key, why in list(t.corrupt.items())[:SHOWN_KEYS]:
-            print(f"  {name}: corrupt {key} ({why})")
-        if len(t.corrupt) > SHOWN_KEYS:
-            print(f"  {name}: ... and {len(t.corrupt) - SHOWN_KEYS} more corrupt")
+        fixed = set(t.repaired)
+        problems: list[tuple[str, str, str | None]] = [(key, "missing", None) for key in t.missing]
+        problems += [(key, "corrupt", why) for key, why in t.corrupt.items()]
+        for key, what, why in problems[:SHOWN_KEYS]:
+            detail = f" ({why})" if why else ""
+            print(f"  {name}: {what} {key}{detail}{': repaired' if key in fixed else ''}")
+        if len(problems) > SHOWN_KEYS:
+            print(f"  {name}: ... and {len(problems) - SHOWN_KEYS} more missing or corrupt")
+        if t.stale:
+            print(f"  {name}: {len(t.stale)} stale copies, e.g. {t.stale[0]} (push --prune)")
     verdict = "ok" if report.ok else "FAILED"
+    if report.repaired:
+        verdict += f", {report.repaired} copies repaired from the bank directory"
     print(f"bank {bank.manifest.bank_id!r}: verify {verdict} in {report.seconds:.1f} s")
 
 

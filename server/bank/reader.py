@@ -36,6 +36,8 @@ from server.model.memory import MemoryBlock
 from tiers.errors import InvalidKeyError
 from tiers.keys import BlockKey
 
+FINGERPRINT_CHARS = 16
+
 
 def read_verified(path: Path, entry: BlockEntry) -> bytearray:
     """The bytes of `path`, checked against the manifest's size and sha256."""
@@ -65,6 +67,7 @@ class Bank:
     def __init__(self, path: Path, manifest: BankManifest) -> None:
         self.path = path
         self.manifest = manifest
+        self._fingerprint: str | None = None
 
     @classmethod
     def open(
@@ -184,6 +187,27 @@ class Bank:
         for level in self.manifest.memory_levels():
             self.generic(level)
         self.router_tensors()
+
+    def fingerprint(self) -> str:
+        """This build's identity: 16 hex digits of a sha256 over its block index and router.
+
+        Two builds with the same bank id are different banks when their blocks or their
+        clusters differ: state kept per bank (the blocklist) is kept per fingerprint. Reads the
+        router file once (on first call; a caller on an event loop runs it in a thread).
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(b"hmem-bank-fingerprint-1\n")
+            digest.update(f"{self.manifest.bank_id}\n".encode())
+            for key, entry in sorted(self.manifest.blocks.items()):
+                digest.update(f"{key} {entry.bytes} {entry.sha256}\n".encode())
+            digest.update(b"router\n")
+            try:
+                with open(self.path / ROUTER_NAME, "rb") as f:
+                    digest.update(hashlib.file_digest(f, "sha256").digest())
+            except FileNotFoundError:
+                raise BankFileMissingError(self.path / ROUTER_NAME, "a required file") from None
+            self._fingerprint = digest.hexdigest()[:FINGERPRINT_CHARS]
+        return self._fingerprint
 
     def codec(self) -> BankBlockCodec:
         """The `tiers.BlockCodec` that decodes this bank's blocks."""

@@ -5,11 +5,17 @@ subtree), as the paper blocks "the best-matching level-1 subtree". A path's bloc
 blocked when the path's node at any level <= l is. The file is JSON, written atomically (a temp
 file, fsync, rename, fsync of the directory), so a crash leaves the old list or the new one,
 never half of either.
+
+A blocklist belongs to one bank build: cluster (1, 2) of one build is not that of another. The
+file records the bank id and the build's fingerprint (`Bank.fingerprint`), and a blocklist opened
+for a bank refuses a file that names another bank or build, or none (version 1 files, written
+before blocklists were tied to their bank).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import threading
@@ -18,7 +24,9 @@ from pathlib import Path
 
 from tiers.disk import fsync_dir
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 2  # 2: records bank_id and fingerprint; 1 recorded no bank
+_legacy_warned: set[Path] = set()  # legacy files already named in a warning by this process
 
 
 class BlocklistError(ValueError):
@@ -26,32 +34,72 @@ class BlocklistError(ValueError):
 
 
 class Blocklist:
-    """The set of blocked clusters of one tree (`levels` deep, `branching` wide)."""
+    """The set of blocked clusters of one tree (`levels` deep, `branching` wide).
 
-    def __init__(self, path: Path | None, *, levels: int, branching: int) -> None:
+    With `bank_id` (and the build's `fingerprint`), it is that bank's: the file records both, and
+    a file recording another bank or build, or none, is refused at load.
+    """
+
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        levels: int,
+        branching: int,
+        bank_id: str | None = None,
+        fingerprint: str | None = None,
+    ) -> None:
         self.path = path
         self.levels = levels
         self.branching = branching
+        self.bank_id = bank_id
+        self.fingerprint = fingerprint
         self._blocked: set[tuple[int, int]] = set()
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: Path | None, *, levels: int, branching: int) -> Blocklist:
+    def load(
+        cls,
+        path: Path | None,
+        *,
+        levels: int,
+        branching: int,
+        bank_id: str | None = None,
+        fingerprint: str | None = None,
+    ) -> Blocklist:
         """The persisted list at `path` (an absent file is an empty list)."""
-        blocklist = cls(path, levels=levels, branching=branching)
+        blocklist = cls(
+            path, levels=levels, branching=branching, bank_id=bank_id, fingerprint=fingerprint
+        )
         if path is None or not path.exists():
             return blocklist
         try:
             data = json.loads(path.read_text())
-            if data.get("version") != FORMAT_VERSION:
-                raise BlocklistError(f"version {data.get('version')!r}, expected {FORMAT_VERSION}")
+            version = data.get("version")
+            if version not in (1, FORMAT_VERSION):
+                raise BlocklistError(f"version {version!r}, expected {FORMAT_VERSION}")
             entries = [(int(e["level"]), int(e["node"])) for e in data["blocked"]]
             for level, node in entries:
                 blocklist.check(level, node)  # a file written for another tree
+            owner = (data.get("bank_id"), data.get("fingerprint")) if version != 1 else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BlocklistError(f"blocklist file {path} is not usable: {exc}") from None
+        if bank_id is not None and owner != (bank_id, fingerprint):
+            raise BlocklistError(blocklist._not_ours(path, owner))
         blocklist._blocked = set(entries)
         return blocklist
+
+    def _not_ours(self, path: Path, owner: tuple[object, object] | None) -> str:
+        this = f"bank {self.bank_id!r} build {self.fingerprint}"
+        if owner is None:
+            whose = "records no bank (written by an hmem before blocklists were per bank)"
+        else:
+            whose = f"belongs to bank {owner[0]!r} build {owner[1]}"
+        return (
+            f"blocklist file {path} {whose}, not to the served {this}: set blocklist_file to "
+            "this bank's own file, or leave it unset (each bank build then has its own under "
+            "DATA_DIR/blocklists); block the clusters again on this build if they still apply"
+        )
 
     def check(self, level: int, node: int) -> None:
         """Raise `BlocklistError` unless (level, node) is a cluster of this tree."""
@@ -117,9 +165,13 @@ class Blocklist:
     def _save(self, blocked: set[tuple[int, int]]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.path.parent.parent)  # the new directory's entry, before a file in it
         body = {
             "version": FORMAT_VERSION,
+            "bank_id": self.bank_id,
+            "fingerprint": self.fingerprint,
             "blocked": [{"level": level, "node": node} for level, node in sorted(blocked)],
         }
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
@@ -133,3 +185,18 @@ class Blocklist:
             Path(tmp).unlink(missing_ok=True)
             raise
         fsync_dir(self.path.parent)
+
+
+def warn_legacy_file(path: Path) -> None:
+    """Say once per process that a blocklist file recording no bank is applied to none."""
+    if path in _legacy_warned or not path.is_file():
+        return
+    _legacy_warned.add(path)
+    log.warning(
+        "blocklist file %s records no bank (written before blocklists were per bank build): it "
+        "is not applied. Each bank build now keeps its own list under %s; block its clusters "
+        "again there (POST /v1/memory/block), then delete %s",
+        path,
+        path.parent / "blocklists",
+        path,
+    )

@@ -21,12 +21,12 @@ from server.engine.blocklist import Blocklist
 from server.model.memory import MemoryBlock
 from server.routing.tree import Router
 from server.settings import KeyPolicy, MemoryMode
-from tiers import TieredStore
-from tiers.errors import BlockNotFoundError, FetchTimeoutError
+from tiers import Fetched, TieredStore
+from tiers.errors import BlockNotFoundError, CorruptBlockError, FetchTimeoutError
 from tiers.keys import BlockKey
 
 Fallback = Literal["generic", "none"]
-Reason = Literal["blocked", "disabled", "late", "unavailable", "missing"]
+Reason = Literal["blocked", "disabled", "late", "unavailable", "missing", "corrupt"]
 # Longer prompts are embedded in the executor even with hashed TF-IDF (its cost grows with text).
 _INLINE_ROUTE_CHARS = 4096
 
@@ -58,6 +58,11 @@ class BlockReport:
     tier: str | None  # the tier that served it ("ram": the cache); None: not fetched
     cached: bool
     fetch_ms: float
+    corrupt: tuple[str, ...] = ()  # tiers whose copy failed its digest (repaired in background)
+
+    @classmethod
+    def of(cls, level: int, node: int, got: Fetched[MemoryBlock]) -> BlockReport:
+        return cls(level, node, got.tier, got.cached, got.seconds * 1e3, got.corrupt)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -66,6 +71,7 @@ class BlockReport:
             "tier": self.tier,
             "cached": self.cached,
             "fetch_ms": round(self.fetch_ms, 3),
+            "corrupt": list(self.corrupt),
         }
 
 
@@ -103,10 +109,13 @@ class ResolvedMemory:
         }
 
 
-def _failure(error: Exception | None) -> Literal["late", "missing", "unavailable"]:
-    """Why a level's block did not come: past its deadline, not in any tier, or tiers failing."""
+def _failure(error: Exception | None) -> Literal["late", "missing", "unavailable", "corrupt"]:
+    """Why a level's block did not come: past its deadline, not in any tier, every copy failing
+    its digest, or tiers failing."""
     if isinstance(error, FetchTimeoutError):
         return "late"
+    if isinstance(error, CorruptBlockError):
+        return "corrupt"
     if isinstance(error, BlockNotFoundError):
         return "missing"
     return "unavailable"
@@ -273,9 +282,7 @@ class MemoryResolver:
                 out.blocked.append(level)
                 self._degrade(out, level, "blocked")
                 continue
-            out.reports.append(
-                BlockReport(level, nodes[level - 1], got.tier, got.cached, got.seconds * 1e3)
-            )
+            out.reports.append(BlockReport.of(level, nodes[level - 1], got))
             if got.value is not None:
                 out.blocks.append(got.value)
                 continue
@@ -302,9 +309,7 @@ class MemoryResolver:
             elif got.value is None:
                 out.append(Degraded(level, _failure(got.error), "none"))
             else:
-                out.append(
-                    BlockReport(level, nodes[level - 1], got.tier, got.cached, got.seconds * 1e3)
-                )
+                out.append(BlockReport.of(level, nodes[level - 1], got))
         return sorted(out, key=lambda r: r.level)
 
     def evict_blocked(self) -> int:

@@ -1,24 +1,28 @@
 """The training commands: `hmem build`, `hmem synth`, `hmem eval` and `hmem demo`.
 
 `server.cli` registers these only when one of them is the command being run, so that
-`hmem serve` and the other serving commands never import the training package.
+`hmem serve` and the other serving commands never import the training package. What they refuse
+is a ValueError (`BuildError`, `CorpusError`, ...) or an OSError, which `hmem` prints as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
+
+from server.bank.manifest import BANK_ID_RE
 from server.model.memory import LORA_TARGETS, MemoryType
-from server.training.corpus import CorpusError
 from server.training.demo import build_demo
 from server.training.evaluate import evaluate
 from server.training.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
 from server.training.synth import generate_corpus
 
-# Errors that describe something the user can fix: `hmem` prints them as one line.
-USER_ERRORS = (BuildError, CorpusError)
+# What `hmem` adds to "interrupted" for a command whose work survives Ctrl-C.
+RESUMES = "; run the same command again to resume from the last checkpoint"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -30,7 +34,63 @@ def _ints(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N; whether this machine has that device is checked when the build runs."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def _check_build_args(args: argparse.Namespace) -> None:
+    """What the flags alone get wrong, found before the corpus is read or anything trained."""
+    bank_id = args.bank_id or args.out.name
+    if BANK_ID_RE.fullmatch(bank_id) is None:
+        given = "--bank-id" if args.bank_id else "the --out directory's name (or give --bank-id)"
+        raise BuildError(
+            f"bank id {bank_id!r} from {given}: 1-128 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+    existing = next(p for p in args.out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise BuildError(f"--out {args.out}: {existing} is not a directory")
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None and torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise BuildError(f"--device {args.device}: this machine has {count} CUDA device(s)")
+
+
 def _build(args: argparse.Namespace) -> int:
+    _check_build_args(args)
     settings = BuildSettings(
         corpus=args.corpus,
         out=args.out,
@@ -87,7 +147,9 @@ def _add_build(
         "--lora-targets", default=",".join(d.lora_targets), help=f"of {','.join(LORA_TARGETS)}"
     )
     b.add_argument("--embedder", choices=["hashed-tfidf", "minilm"], default=d.embedder)
-    b.add_argument("--embed-dim", type=int, default=d.embed_dim, help="hashed-tfidf dimensions")
+    b.add_argument(
+        "--embed-dim", type=_at_least(1), default=d.embed_dim, help="hashed-tfidf dimensions"
+    )
     b.add_argument(
         "--minilm-dir", type=Path, help="all-MiniLM-L6-v2 directory (default: the package)"
     )
@@ -96,21 +158,25 @@ def _add_build(
     b.add_argument(
         "--freeze-anchor", action="store_true", help="add memory post hoc: train memories only"
     )
-    b.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    b.add_argument("--steps", type=int, default=d.memory_steps, help="memory training steps")
-    b.add_argument("--batch-size", type=int, default=d.batch_size)
-    b.add_argument("--lr", type=float, default=d.lr)
-    b.add_argument("--seq-len", type=int, default=d.seq_len)
+    b.add_argument("--pretrain-steps", type=_at_least(0), default=d.pretrain_steps)
+    b.add_argument(
+        "--steps", type=_at_least(0), default=d.memory_steps, help="memory training steps"
+    )
+    b.add_argument("--batch-size", type=_at_least(1), default=d.batch_size)
+    b.add_argument("--lr", type=_learning_rate, default=d.lr)
+    b.add_argument("--seq-len", type=_at_least(1), default=d.seq_len)
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
     b.add_argument("--seed", type=int, default=d.seed)
-    b.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    b.add_argument("--device", type=_device, default=d.device, help="cpu, cuda or cuda:N")
     b.add_argument("--bank-id", help="bank id (default: the output directory's name)")
     b.add_argument("--overwrite", action="store_true", help="replace a bank already at --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
-    b.set_defaults(run=_build, user_errors=USER_ERRORS)
+    b.set_defaults(run=_build, on_interrupt=RESUMES)
 
 
 def _synth(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory")
     corpus = generate_corpus(
         seed=args.seed,
         invented_entities=args.invented_entities,
@@ -123,6 +189,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.json is not None and (args.json.is_dir() or not args.json.parent.is_dir()):
+        # Found now, not after the whole evaluation has run.
+        raise ValueError(f"--json {args.json}: not a file in an existing directory")
     report = evaluate(
         args.bank, args.facts, modes=args.modes.split(","), progress=not args.no_progress
     )
@@ -149,19 +218,19 @@ def _add_synth_and_eval(
     s.add_argument("--invented-entities", type=int, default=80, help="per invented family")
     s.add_argument("--filler-docs", type=int, default=450, help="general-text documents")
     s.add_argument("--max-mentions", type=int, default=100, help="mentions of the top entity")
-    s.set_defaults(run=_synth, user_errors=USER_ERRORS)
+    s.set_defaults(run=_synth)
     e = commands.add_parser("eval", help=helps["eval"])
     e.add_argument("--bank", type=Path, required=True)
     e.add_argument("--facts", type=Path, required=True, help="facts.jsonl from hmem synth")
     e.add_argument("--modes", default="memory,anchor,generic")
     e.add_argument("--json", type=Path, help="also write the full report as JSON")
     e.add_argument("--no-progress", action="store_true")
-    e.set_defaults(run=_eval, user_errors=USER_ERRORS)
+    e.set_defaults(run=_eval)
     d = commands.add_parser("demo", help=helps["demo"])
     d.add_argument("--data-dir", type=Path, help="default: $HMEM_DATA_DIR or ~/.local/share/hmem")
     d.add_argument("--overwrite", action="store_true", help="rebuild an existing demo bank")
     d.add_argument("--no-progress", action="store_true")
-    d.set_defaults(run=_demo, user_errors=USER_ERRORS)
+    d.set_defaults(run=_demo, on_interrupt=RESUMES)
 
 
 def register(

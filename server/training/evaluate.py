@@ -29,7 +29,8 @@ from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
 from server.routing.tree import Router
 from server.tokenizer import AnchorTokenizer
-from server.training.synth import N_BUCKETS, Fact, load_facts
+from server.training.facts import Fact, load_facts
+from server.training.synth import N_BUCKETS
 from tiers.keys import BlockKey
 
 MODES = ("memory", "anchor", "generic")

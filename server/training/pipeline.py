@@ -5,15 +5,24 @@ Training state lives in a hidden work directory beside the output (`.NAME.build-
 that is interrupted resumes from its last checkpoint when run again with the same settings. The
 bank itself is written by `BankWriter` into a hidden partial directory and renamed into place only
 when complete, so an interrupted build never leaves a directory that looks like a bank.
+
+One build at a time writes a given `--out`: it holds an flock on its work directory, which the
+kernel releases however the process ends. Holding it, a build removes the partial directories
+(`.NAME.partial-*`) that builds killed outright (kill -9, power loss) left beside the output:
+no live build can own them, and resuming never reads them (it resumes from the work directory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +55,9 @@ ANCHOR_SIZES: dict[str, tuple[int, int, int, int, int]] = {
 
 class BuildError(ValueError):
     """The build cannot start or go on; the message names the problem."""
+
+
+STAMP = "build.json"  # in the work directory: the settings' fingerprint and the builder's pid
 
 
 @dataclass(frozen=True)
@@ -199,13 +211,76 @@ def build_bank(s: BuildSettings) -> BuildSummary:
             "use a larger corpus, or fewer levels or a smaller branching"
         )
     work = s.out.parent / f".{s.out.name}.build-work"
-    stamp = work / "build.json"
-    if work.exists() and (
-        not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != s.fingerprint()
-    ):
-        shutil.rmtree(work)  # an earlier build with other settings: nothing to resume
-    work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({"fingerprint": s.fingerprint()}))
+    with _claimed(work, s.out):
+        return _train_and_export(s, work, docs=len(docs), windows=windows, model=model,
+                                 tokenizer=tokenizer, started=started)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _claimed(work: Path, out: Path) -> Iterator[None]:
+    """Hold `work` (an flock) for one build of `out`; remove what dead builds of `out` left."""
+    for _ in range(3):
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(work, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # removed by a build of `out` that just finished: again
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.path.samestat(os.fstat(fd), os.stat(work)):
+                break  # locked, and still the directory at that path
+        except BlockingIOError:
+            os.close(fd)
+            raise BuildError(
+                f"another hmem build{_owner(work)} is writing {out}: wait for it to finish, "
+                "or stop it and run this build again (it resumes)"
+            ) from None
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    else:
+        raise BuildError(f"could not take {work}: other builds of {out} keep replacing it")
+    try:
+        for partial in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+            if partial.is_dir():
+                shutil.rmtree(partial, ignore_errors=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _owner(work: Path) -> str:
+    """The pid of the build holding `work`, as its stamp records it: " (pid N)", or ""."""
+    try:
+        return f" (pid {int(json.loads((work / STAMP).read_text())['pid'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def _train_and_export(
+    s: BuildSettings,
+    work: Path,
+    *,
+    docs: int,
+    windows: list[str],
+    model: Anchor,
+    tokenizer: Tokenizer,
+    started: float,
+) -> BuildSummary:
+    stamp = work / STAMP
+    try:
+        fingerprint = json.loads(stamp.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        fingerprint = None  # no stamp, or one a killed build left half-written
+    if fingerprint != s.fingerprint():
+        # An earlier build with other settings: nothing to resume. Emptied, not removed: the
+        # directory itself is what this build holds locked.
+        for entry in work.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    stamp.write_text(json.dumps({"fingerprint": s.fingerprint(), "pid": os.getpid()}))
 
     embedder = _embedder(s, windows)
     x = _embed(embedder, windows, s.progress)
@@ -256,7 +331,7 @@ def build_bank(s: BuildSettings) -> BuildSummary:
     bank_params = sum(p.numel() for p in memory.parameters())
     counts = [s.branching**lvl for lvl in range(1, s.levels + 1)]
     return BuildSummary(
-        bank=s.out, documents=len(docs), windows=len(windows), clusters=counts,
+        bank=s.out, documents=docs, windows=len(windows), clusters=counts,
         anchor_params=sum(p.numel() for p in model.parameters()), fetched_params=fetched,
         bank_params=bank_params, pretrain_loss=pretrain_loss, memory_loss=memory_loss,
         seconds=time.perf_counter() - started, resumed=resumed,

@@ -29,12 +29,13 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.training.facts import FACTS_FILE, Fact
+
 CORPUS_FILE = "corpus.jsonl"
-FACTS_FILE = "facts.jsonl"
 N_BUCKETS = 5
 MAX_DOC_CHARS = 199
 DEFAULT_FAMILIES = ("element", "island", "person")
@@ -67,31 +68,6 @@ ELEMENTS: tuple[tuple[str, str, int], ...] = tuple(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Fact:
-    """One queried fact: the prompt is `query`, the expected continuation `answer`."""
-
-    entity: str
-    family: str
-    query: str  # "The atomic number of Iron is"
-    answer: str  # " 26" (with its leading space, as it follows the query in the corpus)
-    mentions: int  # documents that state the fact
-    bucket: int  # 0 = most frequent fifth of its family, N_BUCKETS - 1 = rarest
-
-    @property
-    def statement(self) -> str:
-        """The fact as every document that mentions it states it."""
-        return f"{self.query}{self.answer}."
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> Fact:
-        names = [f.name for f in fields(cls)]
-        missing = [n for n in names if n not in raw]
-        if missing:
-            raise ValueError(f"a fact needs the fields {missing}: {dict(raw)}")
-        return cls(**{n: raw[n] for n in names})
-
-
 @dataclass(frozen=True)
 class SynthCorpus:
     """Documents (`{"text", "topic"}`) and the facts they state."""
@@ -119,23 +95,6 @@ def _write_lines(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def load_facts(path: str | Path) -> list[Fact]:
-    """The facts of a `facts.jsonl` written by `SynthCorpus.write`."""
-    facts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no} is not valid JSON: {exc}") from exc
-            if not isinstance(raw, dict):
-                raise ValueError(f"{path}:{line_no} must hold a JSON object")
-            facts.append(Fact.from_dict(raw))
-    return facts
 
 
 # -- mention counts and buckets -------------------------------------------------------------------

@@ -50,7 +50,8 @@ async def pushed_store(bank: Bank, tmp_path: Path) -> TieredStore[MemoryBlock]:
     )
     store = await build_store(cfg, codec=bank.codec(), digests=bank.manifest.digests())
     for key in bank.block_keys():
-        await store.tiers[store.placement[key.level][0]].put(str(key), bank.block_bytes(key))
+        home = store.tiers[store.placement[key.level][0]]
+        await home.put(store.storage_name(key), bank.block_bytes(key))
     return store
 
 

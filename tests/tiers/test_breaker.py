@@ -73,3 +73,16 @@ def test_settings_are_validated() -> None:
         CircuitBreaker("x", failure_threshold=0)
     with pytest.raises(ValueError, match="reset_timeout_s"):
         CircuitBreaker("x", reset_timeout_s=0)
+
+
+def test_the_failure_that_opens_it_says_so_and_when() -> None:
+    clock = Clock()
+    b = CircuitBreaker("cloud", failure_threshold=2, reset_timeout_s=5, clock=clock)
+    assert b.record_failure() is False
+    assert b.opened_at is None
+    clock.now += 1
+    assert b.record_failure() is True
+    assert b.opened_at == 101.0
+    assert b.record_failure() is False  # already open: not opened again
+    b.record_success()
+    assert b.opened_at is None

@@ -154,7 +154,7 @@ async def test_corrupt_block_on_disk_is_detected_counted_and_never_returned(
     try:
         await seed_homes(store, BLOCKS)
         key = BlockKey("bank", 2, 0)
-        flip_a_byte(tmp_path / "disk" / (str(key) + SUFFIX))
+        flip_a_byte(tmp_path / "disk" / (store.storage_name(key) + SUFFIX))
         fetched = await store.fetch(key)
         assert fetched.value is None
         assert isinstance(fetched.error, FetchFailedError)
@@ -181,16 +181,20 @@ async def test_corrupt_block_in_lmdb_falls_through_to_a_good_replica_and_is_repa
     try:
         await seed_homes(store, BLOCKS)
         key = BlockKey("bank", 1, 1)
-        await store.tiers["disk"].put(str(key), BLOCKS[key])  # the replica
+        await store.tiers["disk"].put(store.storage_name(key), BLOCKS[key])  # the replica
         good = BLOCKS[key]
-        await store.tiers["flash"].put(str(key), good[:50] + bytes([good[50] ^ 1]) + good[51:])
+        await store.tiers["flash"].put(
+            store.storage_name(key), good[:50] + bytes([good[50] ^ 1]) + good[51:]
+        )
 
         fetched = await store.fetch(key)
         assert fetched.value == good
         assert fetched.tier == "disk"
         assert tier_reads(store, "flash", "corrupt") == 1
         await store.drain()
-        assert await store.tiers["flash"].get(str(key)) == good  # repaired from the replica
+        assert (
+            await store.tiers["flash"].get(store.storage_name(key)) == good
+        )  # repaired from the replica
     finally:
         await store.aclose()
 
@@ -202,7 +206,7 @@ async def test_truncated_block_is_rejected(tmp_path: Path) -> None:
     store = await build_store(cfg, codec=BytesCodec(), digests=digests_of(BLOCKS))
     try:
         key = BlockKey("bank", 3, 3)
-        await store.tiers["flash"].put(str(key), BLOCKS[key][:-1])
+        await store.tiers["flash"].put(store.storage_name(key), BLOCKS[key][:-1])
         fetched = await store.fetch(key)
         assert isinstance(fetched.error, FetchFailedError)
         assert "bytes, expected" in str(fetched.error)
@@ -316,7 +320,7 @@ async def test_a_failure_is_remembered_briefly_then_the_tier_is_asked_again(
         assert tier_reads(store, "cloud", "error") == 1
 
         await store.tiers["cloud"].create_bucket()  # type: ignore[attr-defined]
-        await store.tiers["cloud"].put(str(key), BLOCKS[key])
+        await store.tiers["cloud"].put(store.storage_name(key), BLOCKS[key])
         assert (await store.fetch(key)).error is not None  # within the TTL: not asked again
         assert tier_reads(store, "cloud", "skipped") == 1
 
@@ -346,7 +350,7 @@ async def test_verified_bytes_that_do_not_decode_are_a_failed_fetch_not_a_crash(
     store = await build_store(cfg, codec=RejectingCodec(), digests=digests_of(BLOCKS))
     try:
         key = BlockKey("bank", 1, 0)
-        await store.tiers["d"].put(str(key), BLOCKS[key])
+        await store.tiers["d"].put(store.storage_name(key), BLOCKS[key])
         fetched = await store.fetch(key)
         assert isinstance(fetched.error, FetchFailedError)
         assert "cannot decode: tensor 'gate' has the wrong shape" in str(fetched.error)

@@ -129,9 +129,9 @@ async def test_failed_fetch_is_not_cached_and_succeeds_once_the_block_exists(
     store: TieredStore[bytes],
 ) -> None:
     key = BlockKey("bank", 2, 1)
-    await store.tiers["disk"].delete(str(key))
+    await store.tiers["disk"].delete(store.storage_name(key))
     assert isinstance((await store.fetch(key)).error, BlockNotFoundError)
-    await store.tiers["disk"].put(str(key), BLOCKS[key])
+    await store.tiers["disk"].put(store.storage_name(key), BLOCKS[key])
     fetched = await store.fetch(key)
     assert fetched.ok
     assert fetched.value == BLOCKS[key]
@@ -151,7 +151,7 @@ async def test_cache_tier_is_filled_by_promotion_and_read_before_the_home(
         key = BlockKey("bank", 3, 4)
         assert (await store.fetch(key)).tier == "cloud"
         await store.drain()
-        assert await store.tiers["local"].get(str(key)) == BLOCKS[key]
+        assert await store.tiers["local"].get(store.storage_name(key)) == BLOCKS[key]
         assert (await store.fetch(key)).tier == "local"
         assert tier_reads(store, "cloud") == 1
     finally:

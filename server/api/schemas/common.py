@@ -81,6 +81,10 @@ class MemoryBlockInfo(BaseModel):
     tier: str | None = Field(description="the tier that served it (ram: the cache); null: none")
     cached: bool
     fetch_ms: float
+    corrupt: list[str] = Field(
+        default_factory=list,
+        description="tiers whose copy failed its sha256 on this read; repaired in the background",
+    )
 
 
 class MemoryDegradedInfo(BaseModel):

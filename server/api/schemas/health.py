@@ -6,10 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+_CORRUPT = "level -> blocks whose every copy failed its sha256 (none served; fallback in use)"
+
 
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     version: str
+    corrupt_blocks: dict[str, int] = Field(default_factory=dict, description=_CORRUPT)
 
 
 class EngineLoad(BaseModel):
@@ -19,12 +22,15 @@ class EngineLoad(BaseModel):
 
 
 class ReadyResponse(BaseModel):
-    status: Literal["ready"] = "ready"
+    status: Literal["ready", "degraded"] = Field(
+        "ready", description="degraded (and 503) while some level's blocks fail verification"
+    )
     model: str
     tiers: dict[str, str] = Field(
         description="each tier's circuit breaker: closed, open or half_open"
     )
     engine: EngineLoad
+    corrupt_blocks: dict[str, int] = Field(default_factory=dict, description=_CORRUPT)
 
 
 class StartingResponse(BaseModel):

@@ -45,6 +45,7 @@ class PrefetchLevel(BaseModel):
     fetch_ms: float | None = None
     reason: str | None = None
     fallback: str | None = None
+    corrupt: list[str] | None = None
 
 
 class PrefetchResponse(BaseModel):

@@ -98,7 +98,7 @@ def test_the_embedded_default_puts_the_deepest_level_on_s3_when_an_endpoint_is_s
     with TestClient(create_app(settings)) as client:
         memory = _complete(client, prompt="The atomic number of Thulium is")["memory"]
         assert [b["tier"] for b in memory["blocks"]] == ["flash", "cloud"]
-        assert set(client.get("/ready").json()["tiers"]) == {"flash", "disk", "cloud"}
+        assert set(client.get("/ready").json()["tiers"]) == {"flash", "disk", "cloud", "origin"}
 
 
 def test_a_freshly_built_bank_is_served(tmp_path: Path) -> None:
@@ -115,7 +115,7 @@ def test_a_freshly_built_bank_is_served(tmp_path: Path) -> None:
         assert body["usage"]["completion_tokens"] <= 6
 
 
-def test_a_cloud_endpoint_down_at_start_degrades_its_level_instead_of_failing(
+def test_a_cloud_endpoint_down_at_start_is_served_from_the_bank_instead_of_failing(
     demo_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["access_key_id"])
@@ -130,8 +130,7 @@ def test_a_cloud_endpoint_down_at_start_degrades_its_level_instead_of_failing(
         )
         assert r.status_code == 200
         memory = r.json()["memory"]
-        assert memory["blocks"][0]["tier"] == "flash"
-        (degraded,) = memory["degraded"]
-        assert degraded["level"] == 2
-        assert degraded["reason"] in ("unavailable", "late")
-        assert degraded["fallback"] == "generic"
+        # Level 2's home never got its blocks; the bank directory, the last replica, serves it.
+        assert [b["tier"] for b in memory["blocks"]] == ["flash", "origin"]
+        assert memory["degraded"] == []
+        assert client.get("/ready").json()["tiers"]["cloud"] in ("closed", "open")

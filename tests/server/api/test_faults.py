@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import time
 from typing import Any
 
@@ -30,11 +31,13 @@ async def _wait_active(client: httpx.AsyncClient, n: int, timeout_s: float = 10.
         await asyncio.sleep(0.02)
 
 
-async def test_the_cloud_tier_stopped_mid_burst_degrades_level_3_only(
-    three_tier_settings: Settings, s3_server: S3Server, live_server: Any
-) -> None:
-    server = live_server(three_tier_settings)
-    paths = [[a, b, c] for a in range(2) for b in range(2) for c in range(4)]  # 16 distinct
+PATHS = [[a, b, c] for a in range(2) for b in range(2) for c in range(4)]  # 16 distinct
+
+
+async def _burst_with_s3_stopped(
+    server: Any, s3_server: S3Server
+) -> tuple[list[httpx.Response], str]:
+    """16 completions on distinct paths while the S3 server is down; and the metrics after."""
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
 
         async def one(path: list[int]) -> httpx.Response:
@@ -45,23 +48,47 @@ async def test_the_cloud_tier_stopped_mid_burst_degrades_level_3_only(
 
         s3_server.stop()
         try:
-            responses = await asyncio.gather(*(one(p) for p in paths))
+            responses = await asyncio.gather(*(one(p) for p in PATHS))
         finally:
             s3_server.start()
-        assert [r.status_code for r in responses] == [200] * len(paths)
-        for r in responses:
-            memory = r.json()["memory"]
-            assert [b["level"] for b in memory["blocks"]] == [1, 2, 3]
-            by_level = {b["level"]: b for b in memory["blocks"]}
-            assert by_level[1]["tier"] in ("flash", "ram")
-            assert by_level[2]["tier"] in ("disk", "ram")
-            assert by_level[3]["tier"] is None  # level 3 never came
-            (degraded,) = memory["degraded"]
-            assert degraded["level"] == 3
-            assert degraded["reason"] in ("late", "unavailable")
-            assert degraded["fallback"] == "generic"
-        metrics = (await client.get("/metrics")).text
-        assert 'hmem_memory_degraded_total{level="3"' in metrics
+        return list(responses), (await client.get("/metrics")).text
+
+
+async def test_the_cloud_tier_stopped_mid_burst_is_served_from_the_bank_directory(
+    three_tier_settings: Settings, s3_server: S3Server, live_server: Any
+) -> None:
+    responses, _ = await _burst_with_s3_stopped(live_server(three_tier_settings), s3_server)
+    assert [r.status_code for r in responses] == [200] * len(PATHS)
+    for r in responses:
+        memory = r.json()["memory"]
+        by_level = {b["level"]: b for b in memory["blocks"]}
+        assert by_level[1]["tier"] in ("flash", "ram")
+        assert by_level[2]["tier"] in ("disk", "ram")
+        assert by_level[3]["tier"] == "origin"  # the bank directory, the last replica
+        assert memory["degraded"] == []
+
+
+async def test_the_cloud_tier_stopped_mid_burst_degrades_level_3_only_without_an_origin(
+    three_tier_settings: Settings, s3_server: S3Server, live_server: Any
+) -> None:
+    # A bank directory without its level-3 blocks (they live in the cloud only): nothing to
+    # fall back on but the generic memory.
+    assert three_tier_settings.bank is not None
+    shutil.rmtree(three_tier_settings.bank / "blocks" / "L3")
+    responses, metrics = await _burst_with_s3_stopped(live_server(three_tier_settings), s3_server)
+    assert [r.status_code for r in responses] == [200] * len(PATHS)
+    for r in responses:
+        memory = r.json()["memory"]
+        assert [b["level"] for b in memory["blocks"]] == [1, 2, 3]
+        by_level = {b["level"]: b for b in memory["blocks"]}
+        assert by_level[1]["tier"] in ("flash", "ram")
+        assert by_level[2]["tier"] in ("disk", "ram")
+        assert by_level[3]["tier"] is None  # level 3 never came
+        (degraded,) = memory["degraded"]
+        assert degraded["level"] == 3
+        assert degraded["reason"] in ("late", "unavailable")
+        assert degraded["fallback"] == "generic"
+    assert 'hmem_memory_degraded_total{level="3"' in metrics
 
 
 async def test_a_full_queue_answers_429_with_retry_after(

@@ -101,7 +101,7 @@ def test_models_health_and_ready(client: TestClient) -> None:
     assert client.get("/health").json()["status"] == "ok"
     ready = client.get("/ready").json()
     assert ready["status"] == "ready"
-    assert set(ready["tiers"]) == {"flash", "disk"}
+    assert set(ready["tiers"]) == {"flash", "disk", "origin"}
 
 
 def test_n_prompts_echo_logprobs_and_choice_order(client: TestClient) -> None:

@@ -1,81 +1,36 @@
-"""`hmem bank push` and `verify` against real tiers: LMDB, a directory, and S3 on moto."""
+"""`hmem bank push` and `verify` against real tiers: LMDB, a directory, and S3 on moto.
+
+Copies in tiers are named after their content (`bank/L1/3.<sha256[:16]>`): a rebuilt bank's
+blocks are new names, old builds' copies are stale, and present copies are checked by digest.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from server.bank import Bank, write_random_bank
-from server.bank.commands import register
-from server.bank.push import check_placement, placement_from_flags, push_bank, verify_bank
+from server.bank import Bank
+from server.bank.push import (
+    check_placement,
+    placement_from_flags,
+    push_bank,
+    stored_name,
+    verify_bank,
+)
 from tests.conftest import S3_CREDENTIALS, S3Server
-from tiers import ConfigError, S3Tier, Tier, TierWrapper, open_tier
+from tests.server.bank.placement import Placed, run_cli, tier_flags
+from tiers import ConfigError, Tier, TierWrapper, open_tier
 from tiers.base import Buffer
 
 N_BLOCKS = 2 + 4 + 8  # branching 2, levels 1..3
 
 
-@pytest.fixture
-def bank(tmp_path: Path) -> Bank:
-    write_random_bank(tmp_path / "bank", levels=3, branching=2, widths=(8, 4, 2))
-    return Bank.open(tmp_path / "bank", require_anchor=False)
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Credentials from the environment, as boto3 reads them; no profile files."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_CREDENTIALS["access_key_id"])
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_CREDENTIALS["secret_access_key"])
-    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-
-
-def tier_flags(tmp_path: Path, bucket: str) -> list[str]:
-    return [f"1=lmdb:{tmp_path / 'flash'}", f"2={tmp_path / 'disk'}", f"3=s3://{bucket}/banks"]
-
-
-class Placed:
-    """The tiers of a flags placement, opened, with the S3 bucket created."""
-
-    def __init__(self, bank: Bank, flags: Sequence[str], s3_server: S3Server) -> None:
-        self.config = placement_from_flags(
-            flags,
-            bank_id=bank.manifest.bank_id,
-            levels=bank.manifest.levels,
-            endpoint_url=s3_server.endpoint_url,
-            region="us-east-1",
-        )
-        self.placement = self.config.placement
-        self.tiers: dict[str, Tier] = {
-            name: open_tier(name, settings) for name, settings in self.config.tiers.items()
-        }
-
-    def home(self, level: int) -> Tier:
-        return self.tiers[self.placement[level][0]]
-
-
-@pytest.fixture
-async def placed(
-    bank: Bank, tmp_path: Path, s3_server: S3Server, s3_bucket: str, aws_env: None
-) -> AsyncIterator[Placed]:
-    p = Placed(bank, tier_flags(tmp_path, s3_bucket), s3_server)
-    cloud = p.tiers["cloud"]
-    assert isinstance(cloud, S3Tier)
-    assert await cloud.create_bucket()
-    yield p
-    for tier in p.tiers.values():
-        await tier.aclose()
-
-
 async def push(bank: Bank, placed: Placed, tiers: dict[str, Tier] | None = None) -> dict[str, int]:
     report = await push_bank(bank, tiers or placed.tiers, placed.placement, progress=False)
-    return {"written": report.written, "skipped": report.skipped}
+    t = report.total
+    return {"written": t.written, "checked": t.checked, "repaired": t.repaired}
 
 
 # -- placement from flags -------------------------------------------------------------------------
@@ -139,20 +94,23 @@ async def test_push_puts_every_block_in_its_home_and_again_writes_nothing(
     bank: Bank, placed: Placed
 ) -> None:
     report = await push_bank(bank, placed.tiers, placed.placement, progress=False)
-    assert {n: (t.written, t.skipped) for n, t in report.tiers.items()} == {
+    assert {n: (t.written, t.checked) for n, t in report.tiers.items()} == {
         "flash": (2, 0),
         "disk": (4, 0),
         "cloud": (8, 0),
     }
-    assert report.bytes_written == sum(e.bytes for e in bank.manifest.blocks.values())
+    assert report.total.bytes_written == sum(e.bytes for e in bank.manifest.blocks.values())
     for key in bank.block_keys():
-        assert await placed.home(key.level).get(str(key)) == bank.block_bytes(key)
+        name = stored_name(bank, key)
+        assert name == f"{key}.{bank.manifest.blocks[str(key)].sha256[:16]}"
+        assert await placed.home(key.level).get(name) == bank.block_bytes(key)
     # Nothing lands outside its level's home.
     assert {k for k, _ in await placed.tiers["flash"].scan()} == {
-        str(k) for k in bank.block_keys(1)
+        stored_name(bank, k) for k in bank.block_keys(1)
     }
 
-    assert await push(bank, placed) == {"written": 0, "skipped": N_BLOCKS}
+    # Again: every copy is read back and its sha256 checked; nothing is written.
+    assert await push(bank, placed) == {"written": 0, "checked": N_BLOCKS, "repaired": 0}
 
 
 async def test_push_copies_to_replicas_too(bank: Bank, tmp_path: Path) -> None:
@@ -164,7 +122,7 @@ async def test_push_copies_to_replicas_too(bank: Bank, tmp_path: Path) -> None:
         report = await push_bank(bank, tiers, config.placement, concurrency=3, progress=False)
         assert (report.tiers["flash"].written, report.tiers["disk"].written) == (2, N_BLOCKS)
         for key in bank.block_keys(1):
-            assert await tiers["disk"].get(str(key)) == bank.block_bytes(key)
+            assert await tiers["disk"].get(stored_name(bank, key)) == bank.block_bytes(key)
     finally:
         for tier in tiers.values():
             await tier.aclose()
@@ -204,18 +162,19 @@ async def test_an_interrupted_push_resumes_and_completes(bank: Bank, placed: Pla
     with pytest.raises(asyncio.CancelledError):
         await task
 
-    assert await push(bank, placed) == {"written": N_BLOCKS - 5, "skipped": 5}
+    assert await push(bank, placed) == {"written": N_BLOCKS - 5, "checked": 5, "repaired": 0}
     report = await verify_bank(bank, placed.tiers, placed.placement, progress=False)
     assert report.ok
 
 
 async def test_push_rewrites_a_block_of_the_wrong_size(bank: Bank, placed: Placed) -> None:
     short, good = bank.block_keys(2)[:2]
-    await placed.home(2).put(str(short), b"torn")
-    await placed.home(2).put(str(good), bank.block_bytes(good))
+    await placed.home(2).put(stored_name(bank, short), b"torn")
+    await placed.home(2).put(stored_name(bank, good), bank.block_bytes(good))
     report = await push_bank(bank, placed.tiers, placed.placement, progress=False)
-    assert (report.tiers["disk"].written, report.tiers["disk"].skipped) == (3, 1)
-    assert await placed.home(2).get(str(short)) == bank.block_bytes(short)
+    disk = report.tiers["disk"]
+    assert (disk.written, disk.checked, disk.repaired) == (2, 1, 1)
+    assert await placed.home(2).get(stored_name(bank, short)) == bank.block_bytes(short)
 
 
 async def test_push_to_a_missing_bucket_says_to_create_it(
@@ -226,8 +185,7 @@ async def test_push_to_a_missing_bucket_says_to_create_it(
         with pytest.raises(ConfigError, match=r"bucket 'never-created' does not exist.*--create"):
             await push_bank(bank, p.tiers, p.placement, progress=False)
     finally:
-        for tier in p.tiers.values():
-            await tier.aclose()
+        await p.aclose()
 
 
 # -- verify ---------------------------------------------------------------------------------------
@@ -243,11 +201,11 @@ async def test_verify_passes_then_names_missing_and_corrupt_blocks(
 
     gone, bad_size = bank.block_keys(3)[1], bank.block_keys(3)[5]
     tampered = bank.block_keys(1)[0]
-    assert await placed.home(3).delete(str(gone))
-    await placed.home(3).put(str(bad_size), b"not a block")
+    assert await placed.home(3).delete(stored_name(bank, gone))
+    await placed.home(3).put(stored_name(bank, bad_size), b"not a block")
     flipped = bytearray(bank.block_bytes(tampered))
     flipped[-1] ^= 0xFF  # same size, different content
-    await placed.home(1).put(str(tampered), flipped)
+    await placed.home(1).put(stored_name(bank, tampered), flipped)
 
     report = await verify_bank(bank, placed.tiers, placed.placement, progress=False)
     assert not report.ok
@@ -261,13 +219,6 @@ async def test_verify_passes_then_names_missing_and_corrupt_blocks(
 
 
 # -- the CLI commands -----------------------------------------------------------------------------
-
-
-def run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="hmem")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.run(args))
 
 
 def test_cli_push_creates_the_bucket_then_verify_finds_a_corrupt_block(
@@ -288,19 +239,19 @@ def test_cli_push_creates_the_bucket_then_verify_finds_a_corrupt_block(
     assert run_cli([*push_argv, "--create-bucket"]) == 0
     out = capsys.readouterr().out
     assert f"created S3 bucket {s3_bucket!r}" in out
-    assert "14 blocks written" in out
+    assert "14 blocks written, 0 repaired" in out
     assert f"s3://{s3_bucket}/banks/" in out
     assert S3_CREDENTIALS["secret_access_key"] not in out
 
     assert run_cli(push_argv) == 0
-    assert "0 blocks written" in capsys.readouterr().out
+    assert "0 blocks written, 0 repaired (0.00 MiB), 14 checked good" in capsys.readouterr().out
 
     verify_argv = ["bank", "verify", str(bank.path), *flags, *s3, "--no-progress"]
     assert run_cli(verify_argv) == 0
     assert "verify ok" in capsys.readouterr().out
 
-    key = str(bank.block_keys(2)[3])
-    (tmp_path / "disk" / f"{key}.blk").write_bytes(b"x")
+    key = bank.block_keys(2)[3]
+    (tmp_path / "disk" / f"{stored_name(bank, key)}.blk").write_bytes(b"x")
     assert run_cli(verify_argv) == 1
     out = capsys.readouterr().out
     assert f"disk: corrupt {key} (1 bytes, the manifest says" in out

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from server.bank import Bank, BankBlockCodec, write_random_bank
+from server.bank.push import stored_name
 from server.model.memory import MemoryBlock, MemoryType
 from tests.server.bank.helpers import targets_for
 from tiers import (
@@ -33,7 +34,7 @@ async def pushed_store(bank: Bank, tmp_path: Path) -> TieredStore[MemoryBlock]:
     disk = DiskTier(tmp_path / "disk", fsync=False)
     for key in bank.block_keys():
         tier = flash if key.level == 1 else disk
-        await tier.put(str(key), bank.block_bytes(key))
+        await tier.put(stored_name(bank, key), bank.block_bytes(key))
     ram: BlockCache[StoredBlock[MemoryBlock]] = BlockCache(1 << 24)
     return TieredStore(
         {"flash": flash, "disk": disk},
@@ -78,7 +79,7 @@ async def test_store_refuses_a_block_whose_bytes_differ_from_the_manifest(tmp_pa
         key = BlockKey("tiny", 2, 5)
         data = bytearray(bank.block_bytes(key))
         data[-1] ^= 0x01
-        await store.tiers["disk"].put(str(key), bytes(data))
+        await store.tiers["disk"].put(stored_name(bank, key), bytes(data))
         fetched = await store.fetch(key)
         assert isinstance(fetched.error, FetchFailedError)
         assert any(isinstance(c, IntegrityError) for c in fetched.error.causes)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 
-from server.engine.blocklist import FORMAT_VERSION, Blocklist, BlocklistError
+from server.engine.blocklist import FORMAT_VERSION, Blocklist, BlocklistError, warn_legacy_file
 
 LEVELS, B = 3, 4  # 4 / 16 / 64 clusters
 
@@ -40,6 +41,8 @@ def test_block_and_unblock_persist_and_reload_in_a_new_instance(tmp_path: Path) 
     assert load(file).entries() == [(1, 2), (3, 17)]
     assert json.loads(file.read_text()) == {
         "version": FORMAT_VERSION,
+        "bank_id": None,  # a list of no bank (`load` without one): as in tests of the tree alone
+        "fingerprint": None,
         "blocked": [{"level": 1, "node": 2}, {"level": 3, "node": 17}],
     }
 
@@ -121,7 +124,7 @@ def test_a_cluster_outside_the_tree_is_refused(tmp_path: Path, level: int, node:
     [
         "{not json",
         "[1, 2]",
-        json.dumps({"version": 2, "blocked": []}),
+        json.dumps({"version": 3, "blocked": []}),
         json.dumps({"blocked": [{"level": 1, "node": 0}]}),
         json.dumps({"version": FORMAT_VERSION}),
         json.dumps({"version": FORMAT_VERSION, "blocked": [{"level": 1}]}),
@@ -179,3 +182,72 @@ def test_a_failed_write_changes_nothing_and_leaves_no_temp_file(tmp_path: Path) 
     assert blocklist.entries() == [(1, 1)]  # not in effect: it was never persisted
     assert not blocklist.covers(1, 2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocklist.json"]
+
+
+# -- a blocklist belongs to one bank build --------------------------------------------------------
+
+
+def load_for(path: Path, bank_id: str, fingerprint: str) -> Blocklist:
+    return Blocklist.load(
+        path, levels=LEVELS, branching=B, bank_id=bank_id, fingerprint=fingerprint
+    )
+
+
+def test_the_file_records_its_bank_and_build(tmp_path: Path) -> None:
+    file = tmp_path / "blocklists" / "alpha-0123456789abcdef.json"
+    load_for(file, "alpha", "0123456789abcdef").block(2, 7)
+    assert json.loads(file.read_text()) == {
+        "version": FORMAT_VERSION,
+        "bank_id": "alpha",
+        "fingerprint": "0123456789abcdef",
+        "blocked": [{"level": 2, "node": 7}],
+    }
+    assert load_for(file, "alpha", "0123456789abcdef").entries() == [(2, 7)]
+
+
+@pytest.mark.parametrize(
+    ("bank_id", "fingerprint", "owner"),
+    [
+        ("beta", "0123456789abcdef", "belongs to bank 'alpha' build 0123456789abcdef"),
+        ("alpha", "fedcba9876543210", "belongs to bank 'alpha' build 0123456789abcdef"),
+    ],
+    ids=["another-bank", "another-build"],
+)
+def test_a_file_of_another_bank_or_build_is_refused_naming_both(
+    tmp_path: Path, bank_id: str, fingerprint: str, owner: str
+) -> None:
+    file = tmp_path / "list.json"
+    load_for(file, "alpha", "0123456789abcdef").block(1, 1)
+    written = file.read_text()
+    with pytest.raises(BlocklistError) as info:
+        load_for(file, bank_id, fingerprint)
+    message = str(info.value)
+    assert str(file) in message
+    assert owner in message
+    assert f"not to the served bank {bank_id!r} build {fingerprint}" in message
+    assert "blocklist_file" in message
+    assert file.read_text() == written  # left as it was
+
+
+def test_a_file_recording_no_bank_is_not_applied_to_a_bank(tmp_path: Path) -> None:
+    file = tmp_path / "blocklist.json"
+    file.write_text(json.dumps({"version": 1, "blocked": [{"level": 1, "node": 0}]}))
+    with pytest.raises(BlocklistError, match="records no bank"):
+        load_for(file, "alpha", "0123456789abcdef")
+    assert load(file).entries() == [(1, 0)]  # still readable as a list of no bank
+
+
+def test_the_legacy_file_is_named_in_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    legacy = tmp_path / "blocklist.json"
+    warn_legacy_file(legacy)  # absent: nothing to say
+    assert not caplog.records
+    legacy.write_text(json.dumps({"version": 1, "blocked": []}))
+    with caplog.at_level(logging.WARNING, logger="server.engine.blocklist"):
+        warn_legacy_file(legacy)
+        warn_legacy_file(legacy)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1
+    assert str(legacy) in warnings[0]
+    assert "not applied" in warnings[0]

@@ -329,7 +329,8 @@ async def test_a_block_missing_from_every_tier_falls_back_and_says_missing(
 ) -> None:
     path = (2, 2, 2)
     nodes = nodes_of(path)
-    assert await served.store.tiers["disk"].delete(f"{BANK_ID}/L3/{nodes[2]}")
+    key = BlockKey(BANK_ID, 3, nodes[2])
+    assert await served.store.tiers["disk"].delete(served.store.storage_name(key))
     out = await served.resolver().resolve(TEXT, MemoryRequest(path=path))
     assert out.degraded == [Degraded(3, "missing", "generic")]
     assert out.blocked == []

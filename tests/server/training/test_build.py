@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -227,3 +231,110 @@ def test_an_interrupted_stage_resumes_to_the_same_result(tmp_path: Path) -> None
         torch.testing.assert_close(p, q)
     for p, q in zip(straight.memory.parameters(), resumed.memory.parameters(), strict=True):  # type: ignore[union-attr]
         torch.testing.assert_close(p, q)
+
+
+# `hmem build` in a child process that stops for good once its bank writer has begun writing
+# into the partial directory (the second file it opens there), so that a test can kill it at
+# exactly that point. The audit hook only pauses the real process; it changes nothing it does.
+PAUSED_IN_EXPORT = """
+import sys, time
+from pathlib import Path
+marker, argv = Path(sys.argv[1]), sys.argv[2:]
+written = []
+def pause_in_export(event, args):
+    if event == "open" and ".partial-" in str(args[0]) and "w" in str(args[1]):
+        written.append(args[0])
+        if len(written) == 2:
+            marker.write_text(str(args[0]))
+            time.sleep(600)
+sys.addaudithook(pause_in_export)
+from server.cli import main
+sys.exit(main(argv))
+"""
+
+
+def tiny_argv(tmp_path: Path) -> list[str]:
+    """`hmem build` flags for the settings of `tiny`."""
+    s = tiny(tmp_path)
+    return [
+        "build", "--corpus", str(s.corpus), "--out", str(s.out), "--levels", str(s.levels),
+        "--branching", str(s.branching), "--widths", ",".join(map(str, s.widths)),
+        "--anchor-size", s.anchor_size, "--pretrain-steps", str(s.pretrain_steps),
+        "--steps", str(s.memory_steps), "--batch-size", str(s.batch_size),
+        "--seq-len", str(s.seq_len), "--embed-dim", str(s.embed_dim), "--no-progress",
+    ]  # fmt: skip
+
+
+def build_paused_in_export(tmp_path: Path, argv: list[str]) -> tuple[subprocess.Popen[str], Path]:
+    """A real `hmem build` child, paused with its partial directory half-written."""
+    marker = tmp_path / "paused"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_IN_EXPORT, str(marker), *argv],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the build never reached its export: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    partials = list(tmp_path.glob(".bank.partial-*"))
+    assert len(partials) == 1
+    assert any(partials[0].rglob("*.safetensors")), "nothing written yet"
+    return proc, partials[0]
+
+
+def finish(tmp_path: Path, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the same build again, in this process, to the end: its summary."""
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    Bank.open(tmp_path / "bank").verify()
+    assert not list(tmp_path.glob(".bank.*"))  # no partial or work directory left
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_build_killed_outright_leaves_a_partial_the_next_build_removes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = tiny_argv(tmp_path)
+    proc, partial = build_paused_in_export(tmp_path, argv)
+    try:
+        # While it lives, the build owns its output: a second one is refused and touches nothing.
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"hmem: error: another hmem build (pid {proc.pid}) is writing {tmp_path / 'bank'}: "
+            "wait for it to finish, or stop it and run this build again (it resumes)\n"
+        )
+        assert partial.is_dir()
+    finally:
+        proc.kill()  # SIGKILL: no handler runs, the partial directory stays
+        proc.communicate()
+    assert partial.is_dir()
+    assert not (tmp_path / "bank").exists()
+
+    out = finish(tmp_path, argv, capsys)
+    assert "resumed     pretrain at step 12, memories at step 12 from checkpoints" in out
+    assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_build_in_one_line_and_it_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = tiny_argv(tmp_path)
+    proc, partial = build_paused_in_export(tmp_path, argv)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert (
+        err == "hmem: interrupted; run the same command again to resume from the last checkpoint\n"
+    )
+    assert not partial.exists()  # the writer removes what it wrote
+    assert (tmp_path / ".bank.build-work").is_dir()  # the checkpoints stay
+
+    assert "resumed     pretrain at step 12" in finish(tmp_path, argv, capsys)

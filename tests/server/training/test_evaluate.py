@@ -32,7 +32,8 @@ from server.training.evaluate import (
     greedy_decode,
     score,
 )
-from server.training.synth import Fact, generate_corpus
+from server.training.facts import Fact
+from server.training.synth import generate_corpus
 from tiers.keys import BlockKey
 
 SPECIALS = ["<pad>", "<s>", "</s>"]
@@ -311,3 +312,28 @@ def test_bad_modes_and_a_bank_without_generic_memory_are_refused(
     report = evaluate(banks["no-generic"], facts, modes=["memory", "anchor"], progress=False)
     assert report.modes == ("memory", "anchor")
     assert "| bucket | mentions | memory | anchor |" in report.table()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"question": "The atomic number of Iron is", "answer": " 26"}\n',
+         r"qa\.jsonl:1: a fact needs the fields entity \(str\), family \(str\), query \(str\), "
+         r"answer \(str\), mentions \(int\), bucket \(int\); missing or of another type here: "
+         r"entity, family, query, mentions, bucket \(the line has question, answer\)"),
+        ("question,answer\nThe atomic number of Iron is,26\n",
+         r"qa\.jsonl:1 is not valid JSON \(Expecting value\); expected one JSON object per line "
+         r"with entity \(str\), .*, as `hmem synth` writes facts\.jsonl"),
+        ("\n\n", r"facts file .*qa\.jsonl holds no facts; expected one JSON object per line"),
+        ('[\n  {"entity": "Iron"}\n]\n', r"qa\.jsonl:1 opens a JSON array; expected"),
+        ('{"entity": "Iron"}\n[1, 2]\n', r"qa\.jsonl:1: a fact needs the fields"),
+    ],
+)  # fmt: skip
+def test_facts_in_another_format_are_refused_before_any_model_loads(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    facts = tmp_path / "qa.jsonl"
+    facts.write_text(content)
+    # The bank does not even exist: the facts are read, and refused, first.
+    with pytest.raises(ValueError, match=message):
+        evaluate(tmp_path / "no-bank", facts, progress=False)

@@ -8,16 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from server.training.facts import FACTS_FILE, Fact, load_facts
 from server.training.synth import (
     CORPUS_FILE,
     ELEMENTS,
-    FACTS_FILE,
     FAMILIES,
     MAX_DOC_CHARS,
-    Fact,
     SynthCorpus,
     generate_corpus,
-    load_facts,
     zipf_mentions,
 )
 
