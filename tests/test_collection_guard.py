@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-A_TEST = "def test_one():\n    assert 1 + 1 == 2\n"
+A_TEST = "def test_one():\n    assert [1] * 2 == [1, 1]\n"
 
 
 def project(root: Path, files: dict[str, str]) -> Path:
