@@ -27,15 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from server.bank.errors import BankError
-from server.bank.push import (
-    PushReport,
-    VerifyReport,
-    check_placement,
-    placement_from_flags,
-    push_bank,
-    tier_location,
-    verify_bank,
-)
+from server.bank.placement import check_placement, placement_from_flags, tier_location
+from server.bank.push import PushReport, VerifyReport, push_bank, verify_bank
 from server.bank.reader import Bank
 from server.defaults import bank_dir, store_config
 from server.settings import load_settings

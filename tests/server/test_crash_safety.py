@@ -22,7 +22,8 @@ import lmdb
 import pytest
 
 from server.bank import Bank, write_random_bank
-from server.bank.push import VerifyReport, placement_from_flags, verify_bank
+from server.bank.placement import placement_from_flags
+from server.bank.push import VerifyReport, verify_bank
 from server.engine.blocklist import Blocklist
 from tiers import StoreConfig, open_tier
 

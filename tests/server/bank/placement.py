@@ -8,7 +8,7 @@ from pathlib import Path
 
 from server.bank import Bank
 from server.bank.commands import register
-from server.bank.push import placement_from_flags
+from server.bank.placement import placement_from_flags
 from tests.conftest import S3Server
 from tiers import Tier, open_tier
 

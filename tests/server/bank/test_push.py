@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from server.bank import Bank
-from server.bank.push import (
-    check_placement,
-    placement_from_flags,
-    push_bank,
-    stored_name,
-    verify_bank,
-)
+from server.bank.placement import check_placement, placement_from_flags
+from server.bank.push import push_bank, stored_name, verify_bank
 from tests.conftest import S3_CREDENTIALS, S3Server
 from tests.server.bank.placement import Placed, run_cli, tier_flags
 from tiers import ConfigError, Tier, TierWrapper, open_tier
