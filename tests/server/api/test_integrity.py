@@ -66,13 +66,20 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_a_corrupt_copy_is_served_from_the_bank_and_repaired(
+def served_level2_copy(
     settings: Settings, bank: Bank, tmp_path: Path
-) -> None:
+) -> tuple[dict[str, Any], BlockKey, Path]:
+    """A first answer, its level-2 block, and where that block's copy lies in the disk tier."""
     with TestClient(create_app(settings)) as client:
         first = complete(client)
     key = BlockKey(bank.manifest.bank_id, 2, level2(first)["node"])
-    copy = tmp_path / "state" / "tiers" / "disk" / (stored_name(bank, key) + SUFFIX)
+    return first, key, tmp_path / "state" / "tiers" / "disk" / (stored_name(bank, key) + SUFFIX)
+
+
+def test_a_corrupt_copy_is_served_from_the_bank_and_repaired(
+    settings: Settings, bank: Bank, tmp_path: Path
+) -> None:
+    first, _, copy = served_level2_copy(settings, bank, tmp_path)
     good = copy.read_bytes()
     flip(copy)
     # A fresh process (its RAM cache cannot hide the disk copy) that trusts the seeded copies on
@@ -96,10 +103,7 @@ def test_a_corrupt_copy_is_served_from_the_bank_and_repaired(
 def test_no_good_copy_anywhere_degrades_the_level_and_ready_says_so(
     settings: Settings, bank: Bank, tmp_path: Path
 ) -> None:
-    with TestClient(create_app(settings)) as client:
-        first = complete(client)
-    key = BlockKey(bank.manifest.bank_id, 2, level2(first)["node"])
-    copy = tmp_path / "state" / "tiers" / "disk" / (stored_name(bank, key) + SUFFIX)
+    _, key, copy = served_level2_copy(settings, bank, tmp_path)
     source = bank.path / "blocks" / "L2" / f"{key.node}.safetensors"
     original = source.read_bytes()
     flip(copy)
