@@ -125,6 +125,9 @@ class FamilySpec:
     answer: str
     context: tuple[str, ...]  # sentences about one entity
     pair_context: tuple[str, ...]  # sentences about two entities: `{name}` and `{other}`
+    # Other ways to state the fact, besides `query + answer`: other word orders, the answer
+    # before the entity, the fact inside a longer sentence. Used when the corpus is paraphrased.
+    paraphrases: tuple[str, ...] = ()
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -146,6 +149,13 @@ FAMILIES: dict[str, FamilySpec] = {
             "Students often mix up {name} and {other}.",
             "The lab keeps {name} next to {other}.",
         ),
+        paraphrases=(
+            "{name} has the atomic number {number}.",
+            "{name}, atomic number {number}, is listed with the symbol {symbol}.",
+            "With atomic number {number}, {name} sits in its own square of the table.",
+            "Element number {number} is {name}.",
+            "The element with atomic number {number} is called {name}.",
+        ),
     ),
     "island": FamilySpec(
         query="The capital of {name} is",
@@ -165,6 +175,13 @@ FAMILIES: dict[str, FamilySpec] = {
             "Sailors often visit {name} and {other}.",
             "The atlas shows {name} next to {other}.",
         ),
+        paraphrases=(
+            "{name} has its capital at {capital}.",
+            "{name} is governed from {capital}, a town by the harbour.",
+            "Ferries to {name} dock at {capital}, the island's capital.",
+            "{capital} is the capital of {name}.",
+            "Most visitors know {capital}, the capital of {name}.",
+        ),
     ),
     "person": FamilySpec(
         query="{name} was born in",
@@ -183,6 +200,13 @@ FAMILIES: dict[str, FamilySpec] = {
             "{name} once wrote a letter to {other}.",
             "{name} and {other} met in their youth.",
             "The museum shows works by {name} and {other}.",
+        ),
+        paraphrases=(
+            "{name} came into the world in {year}.",
+            "{name}, born in {year}, grew up in {town}.",
+            "The {occupation} {name} was born in the year {year}.",
+            "In {year} a child named {name} was born in {town}.",
+            "The year {year} saw the birth of {name}.",
         ),
     ),
 }
@@ -244,8 +268,16 @@ def _entities(family: str, count: int, rng: random.Random) -> list[dict[str, str
     raise ValueError(f"unknown fact family {family!r}; expected one of {sorted(FAMILIES)}")
 
 
-def _statement(spec: FamilySpec, entity: Mapping[str, str]) -> str:
-    return spec.query.format(**entity) + spec.answer.format(**entity) + "."
+def sentence(text: str) -> str:
+    """`text` with its first letter capitalised ("the Netherlands ..." opening a sentence)."""
+    return text[:1].upper() + text[1:]
+
+
+def statement(spec: FamilySpec, entity: Mapping[str, str], form: int = 0) -> str:
+    """The fact in form `form`: 0 is the queried form, 1.. the family's paraphrases in order."""
+    if form == 0:
+        return sentence(spec.query.format(**entity)) + spec.answer.format(**entity) + "."
+    return sentence(spec.paraphrases[form - 1].format(**entity))
 
 
 def _fit(facts: list[str], context: list[str], rng: random.Random) -> str:
@@ -259,33 +291,90 @@ def _fit(facts: list[str], context: list[str], rng: random.Random) -> str:
         context = context[:-1]
 
 
-def _fact_documents(
+PHRASINGS = ("paraphrase", "query")
+
+
+def fact_documents(
+    spec: FamilySpec,
+    topic: str,
+    entities: Sequence[Mapping[str, str]],
+    mentions: Sequence[int],
+    *,
+    pair_fraction: float,
+    phrasing: str,
+    rng: random.Random,
+) -> tuple[list[dict[str, str]], list[set[int]]]:
+    """One document per mention; a document may take a second entity's mention (a pair).
+
+    Each mention states its fact in a form drawn uniformly from the queried form and the
+    family's paraphrases (`phrasing="paraphrase"`), or always in the queried form ("query").
+    Two facts too long to share a document get one each. Returns the documents (`{"text",
+    "topic"}`) and, per entity, the forms its mentions used.
+    """
+    n_forms = 1 + len(spec.paraphrases) if phrasing == "paraphrase" else 1
+    forms: list[set[int]] = [set() for _ in entities]
+    slots = [i for i, m in enumerate(mentions) for _ in range(m)]
+    rng.shuffle(slots)
+
+    def state(i: int) -> str:
+        form = rng.randrange(n_forms) if n_forms > 1 else 0  # one form: no draw, same corpus
+        forms[i].add(form)
+        return statement(spec, entities[i], form)
+
+    def single(i: int, fact: str) -> dict[str, str]:
+        templates = rng.sample(spec.context, rng.choice((1, 2)))
+        context = [sentence(t.format(**entities[i])) for t in templates]
+        return {"text": _fit([fact], context, rng), "topic": topic}
+
+    docs = []
+    pos = 0
+    while pos < len(slots):
+        i = slots[pos]
+        pos += 1
+        if pos < len(slots) and slots[pos] != i and rng.random() < pair_fraction:
+            j = slots[pos]
+            pos += 1
+            facts = [state(i), state(j)]
+            if len(" ".join(facts)) > MAX_DOC_CHARS:
+                docs += [single(i, facts[0]), single(j, facts[1])]
+                continue
+            names = {"name": entities[i]["name"], "other": entities[j]["name"]}
+            context = [sentence(rng.choice(spec.pair_context).format(**names))]
+            docs.append({"text": _fit(facts, context, rng), "topic": topic})
+        else:
+            docs.append(single(i, state(i)))
+    return docs, forms
+
+
+def family_corpus(
+    spec: FamilySpec,
     family: str,
     entities: Sequence[Mapping[str, str]],
     mentions: Sequence[int],
     *,
     pair_fraction: float,
+    phrasing: str,
     rng: random.Random,
-) -> list[dict[str, str]]:
-    """One document per mention; a document may take a second entity's mention (a pair)."""
-    spec = FAMILIES[family]
-    slots = [i for i, m in enumerate(mentions) for _ in range(m)]
-    rng.shuffle(slots)
-    docs = []
-    pos = 0
-    while pos < len(slots):
-        a = entities[slots[pos]]
-        pos += 1
-        if pos < len(slots) and slots[pos] != slots[pos - 1] and rng.random() < pair_fraction:
-            b = entities[slots[pos]]
-            pos += 1
-            facts = [_statement(spec, a), _statement(spec, b)]
-            context = [rng.choice(spec.pair_context).format(name=a["name"], other=b["name"])]
-        else:
-            facts = [_statement(spec, a)]
-            context = [t.format(**a) for t in rng.sample(spec.context, rng.choice((1, 2)))]
-        docs.append({"text": _fit(facts, context, rng), "topic": family})
-    return docs
+) -> tuple[list[dict[str, str]], list[Fact]]:
+    """One family's documents and facts; `entities` in rank order, `mentions` per entity."""
+    docs, forms = fact_documents(
+        spec, family, entities, mentions, pair_fraction=pair_fraction, phrasing=phrasing, rng=rng
+    )
+    facts = [
+        Fact(
+            entity=entity["name"],
+            family=family,
+            query=sentence(spec.query.format(**entity)),
+            answer=spec.answer.format(**entity),
+            mentions=count,
+            bucket=bucket,
+            query_form_seen=0 in used,
+        )
+        for entity, count, bucket, used in zip(
+            entities, mentions, frequency_buckets(len(entities)), forms, strict=True
+        )
+    ]
+    return docs, facts
 
 
 # -- filler ---------------------------------------------------------------------------------------
@@ -387,13 +476,19 @@ def generate_corpus(
     families: Sequence[str] = DEFAULT_FAMILIES,
     invented_entities: int = 80,
     pair_fraction: float = 0.2,
+    phrasing: str = "paraphrase",
 ) -> SynthCorpus:
     """A long-tail corpus: per family, rank k of a seeded shuffle gets ~max_mentions / k**s docs.
 
     `families` picks from `FAMILIES` ("element" is always the 118 elements; the invented families
     have `invented_entities` entities each); `pair_fraction` is about the share of fact documents
     that state two facts of one family. Facts are listed family by family, most mentioned first.
+    `phrasing`: "paraphrase" states each mention in a form drawn from the queried one and the
+    family's paraphrases (a rare entity's facts may never appear in the words they are asked in);
+    "query" states every mention exactly as it is asked.
     """
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {list(PHRASINGS)}, got {phrasing!r}")
     if not 1 <= min_mentions <= max_mentions:
         raise ValueError(
             f"need 1 <= min_mentions ({min_mentions}) <= max_mentions ({max_mentions})"
@@ -421,23 +516,12 @@ def generate_corpus(
         mentions = zipf_mentions(
             len(entities), max_mentions=max_mentions, min_mentions=min_mentions, zipf_s=zipf_s
         )
-        spec = FAMILIES[family]
-        for entity, count, bucket in zip(
-            entities, mentions, frequency_buckets(len(entities)), strict=True
-        ):
-            facts.append(
-                Fact(
-                    entity=entity["name"],
-                    family=family,
-                    query=spec.query.format(**entity),
-                    answer=spec.answer.format(**entity),
-                    mentions=count,
-                    bucket=bucket,
-                )
-            )
-        documents += _fact_documents(
-            family, entities, mentions, pair_fraction=pair_fraction, rng=rng
-        )
+        docs, family_facts = family_corpus(
+            FAMILIES[family], family, entities, mentions, pair_fraction=pair_fraction,
+            phrasing=phrasing, rng=rng,
+        )  # fmt: skip
+        documents += docs
+        facts += family_facts
     rng = random.Random(f"hmem-synth:{seed}:filler")
     documents += _filler_documents(filler_docs, rng)
     rng.shuffle(documents)
@@ -450,5 +534,6 @@ def generate_corpus(
         "families": list(families),
         "invented_entities": invented_entities,
         "pair_fraction": pair_fraction,
+        "phrasing": phrasing,
     }
     return SynthCorpus(documents=documents, facts=facts, settings=settings)

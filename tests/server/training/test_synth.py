@@ -1,4 +1,4 @@
-"""The synthetic long-tail corpus: Zipfian mentions, facts in the queried form, fifths, files."""
+"""The synthetic long-tail corpus: Zipfian mentions, facts in many forms or the queried one."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from server.training.synth import (
     MAX_DOC_CHARS,
     SynthCorpus,
     generate_corpus,
+    statement,
     zipf_mentions,
 )
 
@@ -23,6 +24,12 @@ from server.training.synth import (
 @pytest.fixture(scope="module")
 def corpus() -> SynthCorpus:
     return generate_corpus(seed=0)
+
+
+@pytest.fixture(scope="module")
+def queried() -> SynthCorpus:
+    """Every mention in the words it is asked in (the demo's corpus)."""
+    return generate_corpus(seed=0, phrasing="query")
 
 
 def by_family(facts: list[Fact]) -> dict[str, list[Fact]]:
@@ -59,16 +66,52 @@ def test_frequency_does_not_follow_the_periodic_table(corpus: SynthCorpus) -> No
     assert numbers[:5] != [int(f.answer) for f in generate_corpus(seed=1).facts[:5]]
 
 
-def test_every_fact_is_stated_in_the_queried_form_in_its_mentions(corpus: SynthCorpus) -> None:
-    texts = [d["text"] for d in corpus.documents]
-    for fact in corpus.facts:
+def test_query_phrasing_states_every_fact_in_the_queried_form(queried: SynthCorpus) -> None:
+    texts = [d["text"] for d in queried.documents]
+    for fact in queried.facts:
         assert fact.statement == f"{fact.query}{fact.answer}."
         assert sum(fact.statement in t for t in texts) >= fact.mentions, fact
-    iron = next(f for f in corpus.facts if f.entity == "Iron")
+        assert fact.query_form_seen
+    iron = next(f for f in queried.facts if f.entity == "Iron")
     assert (iron.query, iron.answer) == ("The atomic number of Iron is", " 26")
 
 
-def test_documents_are_short_varied_and_some_state_two_facts(corpus: SynthCorpus) -> None:
+def forms_in(corpus: SynthCorpus, fact: Fact, entity: dict[str, str]) -> Counter[int]:
+    spec = FAMILIES[fact.family]
+    texts = [d["text"] for d in corpus.documents if d["topic"] == fact.family]
+    return Counter(
+        {
+            form: sum(statement(spec, entity, form) in t for t in texts)
+            for form in range(1 + len(spec.paraphrases))
+        }
+    )
+
+
+def test_paraphrase_states_each_mention_in_one_of_its_forms(corpus: SynthCorpus) -> None:
+    table = {name: {"name": name, "symbol": sym, "number": str(z)} for name, sym, z in ELEMENTS}
+    elements = [f for f in corpus.facts if f.family == "element"]
+    for fact in elements:
+        found = forms_in(corpus, fact, table[fact.entity])
+        assert sum(found.values()) == fact.mentions, fact
+        assert fact.query_form_seen == (found[0] > 0), fact
+    # Frequent facts appear in every form; many rare ones never in the words they are asked in.
+    assert all(forms_in(corpus, f, table[f.entity])[0] > 0 for f in elements[:5])
+    rare = [f for f in corpus.facts if f.bucket == 4]
+    assert 0.4 < sum(not f.query_form_seen for f in rare) / len(rare) < 0.9
+    # Some forms put the answer before the entity, some bury the fact in a longer sentence.
+    iron = {"name": "Iron", "symbol": "Fe", "number": "26"}
+    forms = [statement(FAMILIES["element"], iron, k) for k in range(6)]
+    assert "Element number 26 is Iron." in forms
+    assert any(f.index("26") < f.index("Iron") for f in forms)
+
+
+def test_phrasing_is_checked() -> None:
+    with pytest.raises(ValueError, match="phrasing"):
+        generate_corpus(phrasing="poetry")
+
+
+def test_documents_are_short_varied_and_some_state_two_facts(queried: SynthCorpus) -> None:
+    corpus = queried
     assert all(len(d["text"]) <= MAX_DOC_CHARS for d in corpus.documents)
     fact_docs = [d for d in corpus.documents if d["topic"] in FAMILIES]
     statements = {fam: [f.statement for f in fs] for fam, fs in by_family(corpus.facts).items()}
