@@ -83,6 +83,52 @@ class CentroidTree:
 
     def route(self, embeddings: Tensor, *, levels: int | None = None) -> RouteResult:
         """Greedy nearest-centroid paths of `embeddings` [N, dim] through the first `levels`."""
+        x, depth = self._check_route(embeddings, levels)
+        if x.shape[0] == 1:
+            return self._route_one(x[0], depth)
+        root = torch.zeros(x.shape[0], dtype=torch.long)  # the root is node 0 of level 0
+        return RouteResult(*self._descend(x, root, 0, depth))
+
+    def level1_ranking(self, embeddings: Tensor) -> Tensor:
+        """Level-1 node ids of each of `embeddings` [N, dim], nearest centroid first: [N, b].
+
+        The distances `route` compares, so column 0 is the level-1 node `route` picks; ties are
+        ranked lowest id first, as `route` breaks them.
+        """
+        x, _ = self._check_route(embeddings, None)
+        N, b = x.shape[0], self.branching
+        ranking = torch.empty(N, b, dtype=torch.long)
+        chunk = max(1, _ROUTE_CHUNK_ELEMENTS // (b * self.dim))
+        for start in range(0, N, chunk):
+            xs = x[start : start + chunk]
+            _, d2 = self._children_d2(xs, torch.zeros(xs.shape[0], dtype=torch.long), 0)
+            ranking[start : start + xs.shape[0]] = torch.argsort(d2, dim=1, stable=True)
+        return ranking
+
+    def route_under(
+        self, embeddings: Tensor, level1: Tensor, *, levels: int | None = None
+    ) -> RouteResult:
+        """Paths of `embeddings` [N, dim] that start at the given level-1 nodes `level1` [N]
+        and go on greedily below them, as `route` does below the level-1 node it picks."""
+        x, depth = self._check_route(embeddings, levels)
+        N, b = x.shape[0], self.branching
+        level1 = level1.to(torch.long)
+        if tuple(level1.shape) != (N,) or (
+            N and not 0 <= int(level1.min()) <= int(level1.max()) < b
+        ):
+            raise ValueError(
+                f"level1 must be [{N}] node ids in 0..{b - 1}, got shape {tuple(level1.shape)}"
+            )
+        d1 = (self.centroids[0][level1] - x).pow(2).sum(dim=1).sqrt()  # (N,)
+        nodes, choices, dists = self._descend(x, level1, 1, depth)
+        return RouteResult(
+            node_ids=torch.cat([level1[:, None], nodes], dim=1),
+            child_index=torch.cat([level1[:, None], choices], dim=1),
+            distances=torch.cat([d1[:, None], dists], dim=1),
+        )
+
+    def _check_route(self, embeddings: Tensor, levels: int | None) -> tuple[Tensor, int]:
+        """The embeddings as float32 and the depth to route to, both checked."""
         depth = self.levels if levels is None else levels
         if not 1 <= depth <= self.levels:
             raise ValueError(f"levels must be in 1..{self.levels} for this tree, got {levels}")
@@ -91,29 +137,37 @@ class CentroidTree:
                 f"embeddings have shape {tuple(embeddings.shape)}, expected [N, {self.dim}]; "
                 "was the text embedded with the bank's embedder?"
             )
-        x = embeddings.to(torch.float32)
+        return embeddings.to(torch.float32), depth
+
+    def _children_d2(self, xs: Tensor, parent: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        """The children (n, b) of `parent` (n,) (nodes of level `level`, 0 = the root) and their
+        squared distances (n, b) to `xs` (n, dim)."""
+        children = parent[:, None] * self.branching + torch.arange(self.branching)  # (n, b)
+        cand = self.centroids[level][children]  # (n, b, dim)
+        return children, (cand - xs[:, None, :]).pow(2).sum(dim=2)
+
+    def _descend(
+        self, x: Tensor, parent: Tensor, first: int, depth: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Greedy from `parent` [N] (nodes at level `first`; level 0 is the root) down to level
+        `depth`: node ids, child indices and distances [N, depth - first] of levels first+1.."""
         N, b = x.shape[0], self.branching
-        if N == 1:
-            return self._route_one(x[0], depth)
-        node_ids = torch.empty(N, depth, dtype=torch.long)
-        child_index = torch.empty(N, depth, dtype=torch.long)
-        distances = torch.empty(N, depth, dtype=torch.float32)
+        node_ids = torch.empty(N, depth - first, dtype=torch.long)
+        child_index = torch.empty(N, depth - first, dtype=torch.long)
+        distances = torch.empty(N, depth - first, dtype=torch.float32)
         chunk = max(1, _ROUTE_CHUNK_ELEMENTS // (b * self.dim))
-        offsets = torch.arange(b)
         for start in range(0, N, chunk):
             xs = x[start : start + chunk]  # (n, dim)
-            parent = torch.zeros(xs.shape[0], dtype=torch.long)  # the root is node 0 of level 0
-            for level in range(depth):
-                children = parent[:, None] * b + offsets  # (n, b)
-                cand = self.centroids[level][children]  # (n, b, dim)
-                d2 = (cand - xs[:, None, :]).pow(2).sum(dim=2)  # (n, b)
+            rows = slice(start, start + xs.shape[0])
+            node = parent[rows]
+            for col, level in enumerate(range(first, depth)):
+                children, d2 = self._children_d2(xs, node, level)
                 choice = torch.argmin(d2, dim=1)  # first minimum: ties go to the lowest index
-                parent = children.gather(1, choice[:, None]).squeeze(1)
-                rows = slice(start, start + xs.shape[0])
-                node_ids[rows, level] = parent
-                child_index[rows, level] = choice
-                distances[rows, level] = d2.gather(1, choice[:, None]).squeeze(1).sqrt()
-        return RouteResult(node_ids=node_ids, child_index=child_index, distances=distances)
+                node = children.gather(1, choice[:, None]).squeeze(1)
+                node_ids[rows, col] = node
+                child_index[rows, col] = choice
+                distances[rows, col] = d2.gather(1, choice[:, None]).squeeze(1).sqrt()
+        return node_ids, child_index, distances
 
     def _route_one(self, x: Tensor, depth: int) -> RouteResult:
         """One input (a serving request): each level's children are a contiguous slice of its

