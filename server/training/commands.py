@@ -116,7 +116,7 @@ def _build(args: argparse.Namespace) -> int:
         anchor_size=args.anchor_size,
         anchor_dir=args.anchor,
         freeze_anchor=args.freeze_anchor,
-        reverse_training=args.reverse_training,
+        restate=args.restate,
         pretrain_steps=args.pretrain_steps,
         memory_steps=args.steps,
         batch_size=args.batch_size,
@@ -156,8 +156,8 @@ def _add_build(
     b.add_argument(
         "--widths",
         type=_ints,
-        help="memory width (neurons per layer) per level, e.g. 64,32; 0: none "
-        "(default: 64 at level 1, halving per level, at least 8)",
+        help="memory width (neurons per layer) per level, e.g. 48,32; 0: none "
+        "(default: 48 at level 1, 32 at level 2, then halving)",
     )
     b.add_argument(
         "--memory-type",
@@ -189,14 +189,19 @@ def _add_build(
     )
     b.add_argument("--anchor", type=Path, help="existing Hugging Face Llama checkpoint directory")
     b.add_argument(
-        "--freeze-anchor", action="store_true", help="add memory post hoc: train memories only"
+        "--freeze-anchor",
+        action=argparse.BooleanOptionalAction,
+        default=d.freeze_anchor,
+        help="train only the memories after pretraining (the anchor alone stays a fair "
+        "baseline); --no-freeze-anchor co-trains the anchor at --anchor-lr-scale",
     )
     b.add_argument(
-        "--reverse-training",
+        "--restate",
         action=argparse.BooleanOptionalAction,
-        default=d.reverse_training,
-        help="also train each window with its word order reversed, names kept whole, so a "
-        "fact stated one way round can be recalled the other way round",
+        default=d.restate,
+        help="find the relations the corpus states in recurring phrasings and train on each "
+        "fact restated in every phrasing of its relation, so that a fact is recalled however "
+        "it is asked",
     )
     b.add_argument(
         "--pretrain-steps",

@@ -40,9 +40,9 @@ from server.model.memory import LORA_TARGETS, MemoryType
 from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
 from server.routing.embedders import Embedder
 from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG
-from server.training.augment import reverse_text
 from server.training.corpus import CorpusError, load_corpus, split_windows
 from server.training.memory_params import MemoryParams
+from server.training.restate import mine
 from server.training.threads import build_threads, use_threads
 from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer, write_byte_tokenizer
 from server.training.train import Sequences, StageSettings, Trainer
@@ -64,24 +64,29 @@ STAMP = "build.json"  # in the work directory: the settings' fingerprint and the
 
 @dataclass(frozen=True)
 class BuildSettings:
+    """What `hmem build` trains. The defaults are the settings measured best on paraphrased
+    long-tail corpora of a few thousand documents (`docs/results.md`, "Facts in other words"):
+    a tiny anchor pretrained and then frozen, memories of about 27% of it per path, facts
+    restated in every phrasing of their relation, 5,000 memory steps of 32 windows."""
+
     corpus: Path
     out: Path
     levels: int = 2
     branching: int = 8
-    widths: tuple[int, ...] = (64, 32)
+    widths: tuple[int, ...] = (48, 32)
     memory_type: MemoryType = MemoryType.FFN
     lora_targets: tuple[str, ...] = ("q", "v")
     embedder: str = "hashed-tfidf"  # or "minilm"
     embed_dim: int = 8192
     minilm_dir: Path | None = None
-    anchor_size: str = "small"
+    anchor_size: str = "tiny"
     anchor_dir: Path | None = None  # an existing Hugging Face Llama checkpoint
-    freeze_anchor: bool = False
-    reverse_training: bool = False  # also train every window in reversed word order
+    freeze_anchor: bool = True  # memories only after pretraining: the anchor stays the baseline
+    restate: bool = True  # add the corpus's facts restated in each phrasing of their relation
     pretrain_steps: int = 1500
-    memory_steps: int = 1500
-    batch_size: int = 16
-    lr: float = 3e-3
+    memory_steps: int = 5000
+    batch_size: int = 32
+    lr: float = 6e-3
     anchor_lr_scale: float = 0.1
     seq_len: int = 256
     dtype: str = "float32"
@@ -94,8 +99,8 @@ class BuildSettings:
 
     @staticmethod
     def default_widths(levels: int) -> tuple[int, ...]:
-        """64 neurons at level 1, halving per level: shallow blocks large, deep blocks small."""
-        return tuple(max(8, 64 >> (lvl - 1)) for lvl in range(1, levels + 1))
+        """48 neurons at level 1, 32 at level 2, then halving: shallow blocks large, deep small."""
+        return (48, 32, 16, 8)[:levels]
 
     def fingerprint(self) -> str:
         skip = ("overwrite", "progress", "threads")  # none of these changes what is trained
@@ -117,6 +122,7 @@ class BuildSummary:
     seconds: float
     resumed: list[str]
     threads: int = 1
+    restated: str | None = None  # what `restate.mine` found, when the build restates facts
 
     def text(self) -> str:
         share = self.fetched_params / max(1, self.anchor_params)
@@ -134,6 +140,8 @@ class BuildSummary:
             lines.append(f"memories    final loss {self.memory_loss:.3f}")
         if self.resumed:
             lines.append(f"resumed     {', '.join(self.resumed)} from checkpoints")
+        if self.restated is not None:
+            lines.append(f"restated    {self.restated}")
         lines.append(f"time        {self.seconds / 60:.1f} min on {self.threads} torch thread(s)")
         return "\n".join(lines)
 
@@ -296,11 +304,12 @@ def _train_and_export(
     x = _embed(embedder, windows, s.progress)
     clustering = cluster_hierarchically(x, branching=s.branching, levels=s.levels, seed=s.seed)
     tree = clustering.tree
-    paths = tree.route(x).node_ids  # greedy routing: the path a query of this text would get
     texts = list(windows)
-    if s.reverse_training:  # each reversed copy trains its original's path (`augment.py`)
-        texts += [reverse_text(w) for w in windows]
-        paths = torch.cat([paths, paths])
+    mined = mine(windows) if s.restate else None
+    if mined is not None and mined.sentences:  # facts in each phrasing of their relation
+        texts += mined.sentences
+        x = torch.cat([x, _embed(embedder, mined.sentences, s.progress)])
+    paths = tree.route(x).node_ids  # greedy routing: the path a query of this text would get
     ids = [[BOS_ID, *tokenizer.encode(w, add_special_tokens=False).ids, EOS_ID] for w in texts]
     data = Sequences.build(ids, paths, s.seq_len)
     device = torch.device(s.device)
@@ -349,6 +358,7 @@ def _train_and_export(
         anchor_params=sum(p.numel() for p in model.parameters()), fetched_params=fetched,
         bank_params=bank_params, pretrain_loss=pretrain_loss, memory_loss=memory_loss,
         seconds=time.perf_counter() - started, resumed=resumed,
+        restated=None if mined is None else mined.summary(),
     )  # fmt: skip
 
 
