@@ -33,7 +33,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-_SENTENCE = re.compile(r"[^.!?]+[.!?]")
+# A sentence ends at . ! or ? before a space and a capital (or the text's end), unless the
+# period closes an abbreviation: an initial ("U.S."), or a short title ("St. George's").
+_END = re.compile(r"[.!?](?=\s+[^\W\d_]|\s*$)")
+_ABBREVIATION = re.compile(r"(?:\b[A-Z]|\b(?:St|Mt|Ft|Dr|Mr|Mrs|Ms|Jr|Sr|No|Co|vs|etc))$")
 _TOKEN = re.compile(r"\d+(?:[.,]\d+)*|[^\W\d_](?:[\w'’-]*\w)?|\S")
 _WILDCARD = "\x00*"  # a unit that is neither of a pattern's two slots
 
@@ -76,7 +79,15 @@ class Restatements:
 
 
 def sentences_of(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE.findall(text) if s.strip()]
+    """The sentences of `text`, each with its final punctuation."""
+    out, start = [], 0
+    for m in _END.finditer(text):
+        if m.group() == "." and _ABBREVIATION.search(text, start, m.start()):
+            continue
+        out.append(text[start : m.end()].strip())
+        start = m.end()
+    out.append(text[start:].strip())
+    return [s for s in out if s]
 
 
 def _lower_words(texts: Iterable[str]) -> set[str]:
@@ -87,26 +98,44 @@ def _lower_words(texts: Iterable[str]) -> set[str]:
     return words
 
 
+_ARTICLES = frozenset({"The", "A", "An"})
+_JOINERS = frozenset({"of", "de", "la", "del", "da", "du", "von", "van"})  # "Port of Spain"
+
+
 def _units(sentence: str, common: set[str]) -> list[tuple[int, int]]:
-    """Character spans of the sentence's names (runs of capitalised words) and numbers."""
+    """Character spans of the sentence's names and numbers.
+
+    A name is a run of capitalised words (joined by single spaces, or by "of", "de", ... as in
+    "Port of Spain") with at least one word the corpus never writes in lower case: "North
+    Macedonia" is one name although "north" is a common word; "The" alone is none.
+    """
     spans: list[tuple[int, int]] = []
-    open_name: tuple[int, int] | None = None
+    run: list[tuple[int, int, bool]] = []  # (start, end, is a name word) of the open run
+
+    def close() -> None:
+        while run and not sentence[run[-1][0]].isupper():
+            run.pop()  # a joiner ends no name
+        if len(run) > 1 and sentence[run[0][0] : run[0][1]] in _ARTICLES:
+            run.pop(0)  # "The United States" opening a sentence is "the United States"
+        if any(named for _, _, named in run):
+            spans.append((run[0][0], run[-1][1]))
+        run.clear()
+
     for m in _TOKEN.finditer(sentence):
-        word = m.group()
-        is_number = word[0].isdigit()
-        is_name = word[0].isupper() and word.lower() not in common
-        if is_name and open_name is not None and sentence[open_name[1] : m.start()] == " ":
-            open_name = (open_name[0], m.end())  # "Retron Gutho": one name
+        word, start = m.group(), m.start()
+        adjacent = bool(run) and sentence[run[-1][1] : start] == " "
+        if word[0].isupper():
+            if not adjacent:
+                close()
+            run.append((start, m.end(), word.lower() not in common))
             continue
-        if open_name is not None:
-            spans.append(open_name)
-            open_name = None
-        if is_name:
-            open_name = (m.start(), m.end())
-        elif is_number:
-            spans.append((m.start(), m.end()))
-    if open_name is not None:
-        spans.append(open_name)
+        if adjacent and word in _JOINERS and sentence[run[-1][0]].isupper():
+            run.append((start, m.end(), False))
+            continue
+        close()
+        if word[0].isdigit():
+            spans.append((start, m.end()))
+    close()
     return spans
 
 

@@ -42,7 +42,7 @@ def test_a_fact_stated_only_in_other_words_is_answered_with_memory_not_without(
 ) -> None:
     asked = build_and_ask(tmp_path, seed=0, restate=True)
     (memory, n), (anchor, _) = asked["memory"], asked["anchor"]
-    # Measured with seeds 0-2: memory 11-13 of 15-16, anchor 0-1 (`docs/results.md`).
-    assert memory >= 0.6 * n, asked
-    assert anchor <= 0.2 * n, asked
-    assert memory - anchor >= 0.4 * n, asked
+    # Seeds 0, 1, 2 (this test runs seed 0) gave memory 11/15, 7/14, 13/15 and the anchor alone
+    # 0/15, 0/14, 6/15: gaps of 47-73 points. The bounds leave every seed a margin.
+    assert memory >= 0.45 * n, asked
+    assert memory - anchor >= 0.3 * n, asked
