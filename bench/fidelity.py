@@ -62,8 +62,9 @@ from bench.fidelity_builds import (
     run_build,
     run_eval,
 )
+from bench.fidelity_markdown import report_markdown
 from bench.fidelity_plots import PNGS, write_plots
-from bench.fidelity_report import report_markdown, summarise
+from bench.fidelity_report import summarise
 from server.training.commands import DefaultsHelpFormatter
 from server.training.facts import FACTS_FILE, Fact
 from server.training.pipeline import ANCHOR_SIZES, BuildSettings

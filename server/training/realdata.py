@@ -64,12 +64,12 @@ from typing import Any
 
 from server.training import synth
 from server.training.facts import Fact
+from server.training.filler import filler_documents
 from server.training.synth import (
     N_BUCKETS,
     PHRASINGS,
     FamilySpec,
     SynthCorpus,
-    _filler_documents,
     family_corpus,
 )
 
@@ -417,7 +417,7 @@ def geonames_corpus(
         documents += docs
         facts += family_facts
     rng = random.Random(f"hmem-geonames:{seed}:filler")
-    documents += _filler_documents(filler_docs, rng)
+    documents += filler_documents(filler_docs, rng)
     rng.shuffle(documents)
     settings = {
         "source": "geonames",

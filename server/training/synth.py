@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from server.training.facts import FACTS_FILE, Fact
+from server.training.filler import MAX_DOC_CHARS, filler_documents, fit_sentences
 
 CORPUS_FILE = "corpus.jsonl"
 N_BUCKETS = 5
-MAX_DOC_CHARS = 199
 DEFAULT_FAMILIES = ("element", "island", "person")
 
 # The periodic table: symbol and name in order of atomic number (IUPAC spellings).
@@ -280,17 +280,6 @@ def statement(spec: FamilySpec, entity: Mapping[str, str], form: int = 0) -> str
     return sentence(spec.paraphrases[form - 1].format(**entity))
 
 
-def _fit(facts: list[str], context: list[str], rng: random.Random) -> str:
-    """Shuffle the sentences together, dropping context until the document is short enough."""
-    while True:
-        sentences = facts + context
-        rng.shuffle(sentences)
-        text = " ".join(sentences)
-        if len(text) <= MAX_DOC_CHARS or not context:
-            return text
-        context = context[:-1]
-
-
 PHRASINGS = ("paraphrase", "query")
 
 
@@ -324,7 +313,7 @@ def fact_documents(
     def single(i: int, fact: str) -> dict[str, str]:
         templates = rng.sample(spec.context, rng.choice((1, 2)))
         context = [sentence(t.format(**entities[i])) for t in templates]
-        return {"text": _fit([fact], context, rng), "topic": topic}
+        return {"text": fit_sentences([fact], context, rng), "topic": topic}
 
     docs = []
     pos = 0
@@ -340,7 +329,7 @@ def fact_documents(
                 continue
             names = {"name": entities[i]["name"], "other": entities[j]["name"]}
             context = [sentence(rng.choice(spec.pair_context).format(**names))]
-            docs.append({"text": _fit(facts, context, rng), "topic": topic})
+            docs.append({"text": fit_sentences(facts, context, rng), "topic": topic})
         else:
             docs.append(single(i, state(i)))
     return docs, forms
@@ -375,92 +364,6 @@ def family_corpus(
         )
     ]
     return docs, facts
-
-
-# -- filler ---------------------------------------------------------------------------------------
-
-# topic -> (sentence templates, slot -> choices)
-_FILLER: dict[str, tuple[tuple[str, ...], dict[str, tuple[str, ...]]]] = {
-    "weather": (
-        ("The morning was {adj} and the wind came from the {dir}.",
-         "By noon the clouds over the {place} had cleared.", "Rain is expected again {when}.",
-         "A {adj} breeze kept the {place} cool all day.",
-         "Forecasters warned of fog over the {place} {when}."),
-        {"adj": ("cold", "mild", "grey", "bright", "damp", "windy"),
-         "dir": ("north", "south", "east", "west"),
-         "place": ("valley", "hills", "bay", "city", "fields"),
-         "when": ("tomorrow", "next week", "tonight", "on Sunday")}),
-    "cooking": (
-        ("Chop the {veg} and fry it gently in butter.",
-         "Add a pinch of {spice} before the soup boils.",
-         "Bake the bread until the crust turns golden.",
-         "Serve the {veg} warm with a little {spice}.",
-         "Let the {dish} rest for ten minutes before eating."),
-        {"veg": ("onion", "carrot", "leek", "cabbage", "pumpkin", "spinach"),
-         "spice": ("salt", "pepper", "cumin", "nutmeg", "thyme"),
-         "dish": ("stew", "pie", "roast", "risotto", "cake")}),
-    "travel": (
-        ("The train to the {place} leaves early in the morning.",
-         "Pack a light {item} for the long walk.",
-         "The old road winds through the {place} for hours.",
-         "Tickets for the night bus sold out {when}.",
-         "We stopped at a small inn near the {place}."),
-        {"place": ("coast", "mountains", "border", "lakes", "old town"),
-         "item": ("coat", "bag", "blanket", "map", "lunch"),
-         "when": ("quickly", "by noon", "last week", "on Friday")}),
-    "sport": (
-        ("The {team} team won the match after extra time.",
-         "The runners trained on the track every {when}.",
-         "Fans waved flags as the {team} side scored.",
-         "The coach asked the players to rest before the final.",
-         "A late goal gave the {team} club the cup."),
-        {"team": ("home", "visiting", "young", "local", "city"),
-         "when": ("morning", "evening", "weekend", "day")}),
-    "music": (
-        ("The orchestra played a slow piece for {instrument}.",
-         "She practised the {instrument} for an hour each day.",
-         "The concert hall was full on {day} night.",
-         "A quiet song on the {instrument} closed the show.",
-         "The choir sang three songs before the break."),
-        {"instrument": ("violin", "piano", "flute", "cello", "guitar"),
-         "day": ("Friday", "Saturday", "Sunday", "Monday")}),
-    "gardening": (
-        ("Plant the {plant} in rich soil after the last frost.",
-         "Water the {plant} in the evening when the sun is low.",
-         "Snails ate most of the {plant} this spring.",
-         "A layer of mulch keeps the beds moist in {season}.",
-         "The {plant} bloomed early this {season}."),
-        {"plant": ("tomatoes", "roses", "beans", "tulips", "lettuce", "herbs"),
-         "season": ("summer", "spring", "autumn")}),
-    "home": (
-        ("The kitchen window needs a new coat of paint.",
-         "We moved the {thing} closer to the fireplace.",
-         "The old {thing} creaks whenever someone sits on it.",
-         "Clean the {room} before the guests arrive.", "A lamp in the {room} stayed on all night."),
-        {"thing": ("chair", "sofa", "table", "bookcase", "bed"),
-         "room": ("hall", "kitchen", "attic", "study", "porch")}),
-    "books": (
-        ("The library added a shelf of {genre} novels.",
-         "He read the {genre} story twice in one week.",
-         "The author signed copies at the bookshop {when}.",
-         "A worn copy of the book lay on the {thing}.",
-         "Readers praised the slow and careful ending."),
-        {"genre": ("mystery", "adventure", "detective", "travel", "history"),
-         "when": ("on Saturday", "last night", "in the spring"),
-         "thing": ("desk", "bench", "windowsill", "table")}),
-}  # fmt: skip
-
-
-def _filler_documents(count: int, rng: random.Random) -> list[dict[str, str]]:
-    topics = sorted(_FILLER)
-    docs = []
-    for _ in range(count):
-        topic = rng.choice(topics)
-        templates, slots = _FILLER[topic]
-        chosen = rng.sample(templates, rng.choice((2, 3)))
-        sentences = [t.format(**{k: rng.choice(v) for k, v in slots.items()}) for t in chosen]
-        docs.append({"text": _fit([], sentences, rng), "topic": topic})
-    return docs
 
 
 # -- the corpus -----------------------------------------------------------------------------------
@@ -523,7 +426,7 @@ def generate_corpus(
         documents += docs
         facts += family_facts
     rng = random.Random(f"hmem-synth:{seed}:filler")
-    documents += _filler_documents(filler_docs, rng)
+    documents += filler_documents(filler_docs, rng)
     rng.shuffle(documents)
     settings = {
         "seed": seed,

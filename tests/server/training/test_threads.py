@@ -14,7 +14,9 @@ from server.training.threads import SMALL_ANCHOR_PARAMS, build_threads, idle_cor
 def test_small_anchors_train_on_one_thread_and_a_request_wins() -> None:
     assert build_threads(None, SMALL_ANCHOR_PARAMS - 1) == 1
     assert build_threads(3, 10) == 3
-    assert 1 <= build_threads(None, SMALL_ANCHOR_PARAMS) <= usable_cores()
+    larger = build_threads(None, SMALL_ANCHOR_PARAMS)  # the free cores, which vary with load
+    assert larger >= 1
+    assert larger <= usable_cores()
     with pytest.raises(ValueError, match="--threads"):
         build_threads(0, 10)
 
