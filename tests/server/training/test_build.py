@@ -237,8 +237,11 @@ def test_an_interrupted_stage_resumes_to_the_same_result(tmp_path: Path) -> None
 # into the partial directory (the second file it opens there), so that a test can kill it at
 # exactly that point. The audit hook only pauses the real process; it changes nothing it does.
 PAUSED_IN_EXPORT = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
+# A shell starting the suite in the background (`cmd &` without job control) makes its children
+# ignore SIGINT; Ctrl-C at a terminal reaches a build that has Python's handler.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 marker, argv = Path(sys.argv[1]), sys.argv[2:]
 written = []
 def pause_in_export(event, args):
@@ -330,6 +333,9 @@ def test_ctrl_c_stops_a_build_in_one_line_and_it_resumes(
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()  # whatever happened: no pipe left for the next test to find
     assert proc.returncode == 130
     assert (
         err == "hmem: interrupted; run the same command again to resume from the last checkpoint\n"
