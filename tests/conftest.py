@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server on loopback (moto in server mode)."""
+"""Shared fixtures: real S3-compatible servers on loopback (moto in server mode, and
+`rclone serve s3`, which keeps its objects on disk)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from moto.server import ThreadedMotoServer
 
 # A run of the whole suite fails if any test file contributes no test (tests/collection_guard.py).
 from tests.collection_guard import pytest_collection_modifyitems  # noqa: F401
+from tiers.rclone_server import RcloneS3Server
 
 S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret"}
 
@@ -53,6 +55,13 @@ def s3_server() -> Iterator[S3Server]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def rclone_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RcloneS3Server]:
+    """`rclone serve s3` over a temporary directory: objects are files under `root/bucket/`."""
+    with RcloneS3Server(tmp_path_factory.mktemp("rclone-s3") / "root") as server:
+        yield server
 
 
 @pytest.fixture
