@@ -32,13 +32,14 @@ from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
 from server.engine.threads import cpu_executor, single_threaded_torch
 from server.model.anchor import Anchor
-from server.model.checkpoint import load_anchor
+from server.model.checkpoint import load_anchor, read_config
+from server.model.config import AnchorConfig
 from server.model.errors import ModelError
 from server.model.memory import MemoryBlock
 from server.routing.tree import Router
 from server.settings import Settings
 from server.tokenizer import AnchorTokenizer
-from tiers import S3Tier, StoreMetrics, TieredStore, TierError, build_store
+from tiers import ConfigError, S3Tier, StoreMetrics, TieredStore, TierError, build_store
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class Runtime:
         loop = asyncio.get_running_loop()
         executor = cpu_executor()
         bank = await loop.run_in_executor(executor, partial(Bank.open, root, check_files=False))
+        # Before the tiers are seeded and the model loads: a context that cannot fit fails now.
+        anchor_config = await loop.run_in_executor(executor, read_config, bank.anchor_dir)
+        context_length = _context_length(settings, anchor_config)
         m = bank.manifest
         config, embedded = store_config(settings, m)
         metrics = StoreMetrics()
@@ -138,6 +142,7 @@ class Runtime:
                 eos_ids=sorted(tokenizer.eos_ids),
                 max_batch=settings.max_batch,
                 max_queue=settings.max_queue,
+                max_len=context_length,
                 torch_threads=settings.torch_threads,
             )
             engine.start()
@@ -166,9 +171,10 @@ class Runtime:
 
     async def warmup(self) -> None:
         """One short generation with memory: loads kernels and the first blocks."""
-        prompt = self.tokenizer.encode("Hello")
+        prompt = self.tokenizer.encode("Hello")[: self.context_length - 1]
+        max_tokens = min(2, self.context_length - len(prompt))
         blocks = list(self.resolver.generic.values())
-        (gen,) = self.engine.submit([(prompt, SamplingParams(max_tokens=2), blocks)])
+        (gen,) = self.engine.submit([(prompt, SamplingParams(max_tokens=max_tokens), blocks)])
         async for _ in gen.stream():
             pass
 
@@ -176,6 +182,20 @@ class Runtime:
         await self.engine.close()
         await self.store.aclose()
         self.executor.shutdown(wait=False)
+
+
+def _context_length(settings: Settings, config: AnchorConfig) -> int:
+    """Tokens a sequence may hold, which the KV cache is sized for: the setting, or the model's."""
+    limit = config.max_seq_len
+    if settings.context_length is None:
+        return limit
+    if settings.context_length > limit:
+        raise ConfigError(
+            f"context_length {settings.context_length} is more than the model's "
+            f"max_position_embeddings {limit}: set context_length (--context-length, "
+            f"HMEM_CONTEXT_LENGTH) to at most {limit}, or leave it unset to use {limit}"
+        )
+    return settings.context_length
 
 
 async def _place_blocks(

@@ -38,6 +38,7 @@ from tiers.errors import ConfigError
 # Flags that set the setting of the same name.
 SETTING_FLAGS = (
     "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
+    "context_length",
 )  # fmt: skip
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own: its format and level
@@ -68,6 +69,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         type=Path,
         metavar="FILE",
         help="Jinja2 chat template for chat prompts, replacing the model's own",
+    )
+    s.add_argument(
+        "--context-length",
+        type=int,
+        metavar="N",
+        help="tokens per sequence, prompt and completion; sizes the KV cache "
+        "(default: the model's max_position_embeddings)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(run=run, user_errors=(ServeError,))

@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_batch: int = Field(16, ge=1, le=1024, description="sequences decoded together")
+    context_length: int | None = Field(
+        None,
+        ge=2,
+        description="tokens a sequence may hold, prompt and completion (at least one of each); "
+        "sizes the KV cache: 2 x n_layers x max_batch x n_kv_heads x context_length x head_dim "
+        "x dtype bytes. None: the model's max_position_embeddings; more is refused at start",
+    )
     max_queue: int = Field(64, ge=0, description="requests waiting for a slot; beyond: 429")
     max_tokens_limit: int = Field(512, ge=1, description="largest max_tokens a request may ask")
     max_n: int = Field(8, ge=1, le=128, description="largest n (choices per prompt)")

@@ -9,11 +9,14 @@ a missing, extra or misshapen tensor is refused with its name.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
@@ -60,23 +63,51 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory} has no {WEIGHTS}")
 
 
+class _SkipInit(TorchFunctionMode):
+    """Skips `torch.nn.init` while a model is built on the meta device, where it means nothing.
+
+    `normal_` on a meta tensor (nn.Embedding's init) goes through a reference implementation
+    that imports torch._dynamo and sympy: seconds of start-up and about 70 MB of memory kept
+    for as long as the process runs, for a value that is never there.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Sequence[type],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # each init fills `tensor` in place
+        return func(*args, **kwargs)
+
+
 def load_anchor(
     directory: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Anchor:
-    """Build the anchor from a Hugging Face Llama checkpoint directory."""
+    """Build the anchor from a Hugging Face Llama checkpoint directory.
+
+    The model is built on the meta device (no memory, no random init) and each tensor read from
+    the file goes straight into it as its parameter: the peak is one copy of the weights plus
+    one tensor being cast, not two copies. Tensors are read into memory the process owns
+    (`pread`, not a file mapping), so a checkpoint rewritten on disk never changes the weights
+    under a running model, and a tensor stored in `dtype` on the CPU is used as it was read.
+    """
     directory = Path(directory)
     config = read_config(directory)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Anchor(config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(directory):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
+        with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
@@ -84,21 +115,27 @@ def load_anchor(
                     if config.tie_embeddings and name == "lm_head.weight":
                         continue  # a tied checkpoint that also stores the head
                     raise CheckpointError(f"unexpected tensor {name!r} in {file.name}")
-                tensors[name] = f.get_tensor(name)
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}"
+                    )
+                # No copy when the tensor is stored in `dtype` and `device` is the CPU.
+                tensors[name] = f.get_tensor(name).to(dtype=dtype, device=device)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (
             f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         )
         raise CheckpointError(f"checkpoint {directory} is missing tensors: {shown}")
-    for name, t in tensors.items():
-        if tuple(t.shape) != expected[name]:
-            raise CheckpointError(
-                f"tensor {name!r} has shape {tuple(t.shape)}, config.json implies {expected[name]}"
-            )
-    model = Anchor(config).to(dtype=dtype)
-    model.load_state_dict(tensors, strict=not config.tie_embeddings, assign=False)
-    return model.to(device).eval()
+    # assign=True: the read tensors become the parameters (keeping each parameter's
+    # requires_grad) instead of being copied into allocated ones.
+    result = model.load_state_dict(tensors, strict=not config.tie_embeddings, assign=True)
+    if config.tie_embeddings:
+        assert result.missing_keys == ["lm_head.weight"], result
+        model.lm_head.weight = model.model.embed_tokens.weight
+    assert not any(p.is_meta for p in model.parameters())
+    return model.eval()
 
 
 def save_anchor(model: Anchor, directory: str | Path) -> None:

@@ -43,24 +43,18 @@ class KVMemoryBatch:
 MemoryBatch = FFNMemoryBatch | LoRAMemoryBatch | KVMemoryBatch
 
 
-def _pad_cat(parts: Sequence[Tensor], dim: int, width: int, like: Tensor) -> Tensor:
-    """Concatenate `parts` along `dim` and zero-pad that dim to `width`."""
-    shape = list(like.shape)
-    shape[dim] = width
-    out = torch.zeros(shape, dtype=like.dtype, device=like.device)
-    if parts:
-        joined = torch.cat(list(parts), dim=dim)
-        out.narrow(dim, 0, joined.shape[dim]).copy_(joined)
-    return out
-
-
 def build_memory_batch(
     per_sequence: Sequence[Sequence[MemoryBlock]],
     *,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
 ) -> MemoryBatch | None:
-    """Stack each sequence's blocks into one padded batch; None when no sequence has memory."""
+    """Stack each sequence's blocks into one padded batch; None when no sequence has memory.
+
+    Each batch tensor is allocated once and every block tensor copied (cast to `dtype`, moved
+    to `device`) straight into its slice: no per-sequence concatenation, padding or stacking
+    copies, and only the padding is zeroed.
+    """
     blocks = [b for seq in per_sequence for b in seq]
     if not blocks:
         return None
@@ -71,18 +65,29 @@ def build_memory_batch(
     widths = [sum(b.width for b in seq) for seq in per_sequence]
     R = max(widths)
 
-    def stack(name: str, dim: int) -> Tensor:
-        # one [L, 1, ...] slab per sequence (dim counted within the block tensor, 0 = layers)
-        like_block = first.tensors()[name]
-        rows = []
-        for seq in per_sequence:
-            parts = [b.tensors()[name].to(device=device, dtype=dtype) for b in seq]
-            like = like_block.to(device=device, dtype=dtype)
-            rows.append(_pad_cat(parts, dim, R, like))
-        return torch.stack(rows, dim=1)  # [L, B, ...]
+    def gather(name: str, dim: int) -> Tensor:
+        """[L, B, ...] of tensor `name`, whose width is `dim` of a block's [L, ...] tensor."""
+        like = first.tensors()[name].shape
+        shape = (like[0], len(per_sequence), *like[1:dim], R, *like[dim + 1 :])
+        out = torch.empty(shape, dtype=dtype, device=device)
+        for row, (seq, width) in enumerate(zip(per_sequence, widths, strict=True)):
+            dst = out[:, row]  # [L, ...]: this sequence's slab, a view
+            offset = 0
+            for block in seq:
+                src = block.tensors()[name]
+                r = src.shape[dim]
+                if src.shape[:dim] != like[:dim] or src.shape[dim + 1 :] != like[dim + 1 :]:
+                    raise MemoryFormatError(
+                        f"memory tensor {name!r} has shape {tuple(src.shape)} in one block "
+                        f"and {tuple(like)} in another (only the width may differ)"
+                    )
+                dst.narrow(dim, offset, r).copy_(src)
+                offset += r
+            dst.narrow(dim, width, R - width).zero_()  # inert padding
+        return out
 
     if isinstance(first, FFNBlock):
-        return FFNMemoryBatch(gate=stack("gate", 1), up=stack("up", 1), down=stack("down", 2))
+        return FFNMemoryBatch(gate=gather("gate", 1), up=gather("up", 1), down=gather("down", 2))
     if isinstance(first, LoRABlock):
         targets = list(first.a)
         for b in blocks:
@@ -90,11 +95,11 @@ def build_memory_batch(
             if list(b.a) != targets:
                 raise MemoryFormatError(f"LoRA blocks target {list(b.a)} and {targets}")
         return LoRAMemoryBatch(
-            a={t: stack(f"{t}.a", 1) for t in targets},
-            b={t: stack(f"{t}.b", 2) for t in targets},
+            a={t: gather(f"{t}.a", 1) for t in targets},
+            b={t: gather(f"{t}.b", 2) for t in targets},
         )
     assert isinstance(first, KVBlock)
     valid = torch.zeros(len(per_sequence), R, dtype=torch.bool, device=device)
     for i, w in enumerate(widths):
         valid[i, :w] = True
-    return KVMemoryBatch(k=stack("k", 2), v=stack("v", 2), valid=valid)
+    return KVMemoryBatch(k=gather("k", 2), v=gather("v", 2), valid=valid)
