@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from server.bank import generate_command
 from server.bank.errors import BankError
 from server.bank.placement import check_placement, placement_from_flags, tier_location
 from server.bank.push import PushReport, VerifyReport, push_bank, verify_bank
@@ -82,6 +83,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="rewrite every missing or corrupt copy from the bank directory",
     )
     verify.set_defaults(run=_command(_verify))
+    generate_command.register(bank_commands)
 
 
 def _positive(text: str) -> int:
