@@ -1,0 +1,306 @@
+"""The cases of bench/scale.py, each measured against its baseline side by side in one run.
+
+1. `cold_paths`: raw reads of one block per level straight from its tier, each made cold first,
+   give the analytic limit of a path's fetch; then the server fetches other cold paths
+   (`/v1/memory/prefetch`), timed by the client.
+2. `zipf_workload`: completions over HTTP on leaves drawn from a Zipf law over the tree, each
+   with its explicit path; every response's `memory.blocks` says per level whether the block
+   came from the RAM cache and how long its fetch took.
+3. `ttft` and `decode`: memory (a warm path) against the anchor alone (`mode: off`).
+4. `streams`: N concurrent streams with distinct warm paths against the same requests one at a
+   time.
+5. `hf_decode`: hmem over HTTP (anchor alone) against `transformers` generating from the same
+   checkpoint in the same dtype, in this process with the server's thread count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.scale_setup import ADMIN_KEY, TierFiles, path_keys
+from bench.serve_client import compared, interleave, stream
+from server.bank.manifest import BankManifest
+from tiers.base import Tier
+from tiers.config import StoreConfig, open_tier
+from tiers.keys import storage_key
+
+
+def body(prompt: str, max_tokens: int, **memory: Any) -> dict[str, Any]:
+    return {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "memory": memory,
+    }
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def leaf_path(leaf: int, levels: int, branching: int) -> list[int]:
+    digits = []
+    for _ in range(levels):
+        leaf, d = divmod(leaf, branching)
+        digits.append(d)
+    return digits[::-1]
+
+
+# -- 1. cold paths ------------------------------------------------------------------------------
+
+
+def cold_path_sets(m: BankManifest, k: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Two sets of k paths with distinct level-1 subtrees (so no block is shared): one for the
+    raw reads, one for the server."""
+    rng = np.random.default_rng(7)
+    firsts = rng.permutation(m.branching)[: 2 * k]
+    paths = [
+        [int(f)] + [int(x) for x in rng.integers(0, m.branching, m.levels - 1)] for f in firsts
+    ]
+    return paths[:k], paths[k:]
+
+
+async def raw_reads(
+    store: StoreConfig, m: BankManifest, files: TierFiles, paths: list[list[int]]
+) -> dict[int, list[float]]:
+    """Seconds of one cold raw read (`Tier.get`, no verification) per level, one at a time."""
+    tiers: dict[str, Tier] = {name: open_tier(name, s) for name, s in store.tiers.items()}
+    out: dict[int, list[float]] = {}
+    try:
+        for path in paths:
+            for key in path_keys(m.bank_id, path, m.branching):
+                tier = tiers[store.placement[key.level][0]]
+                files.evict_blocks(m, [key])
+                t0 = time.perf_counter()
+                data = await tier.get(storage_key(key, m.blocks[str(key)].sha256))
+                out.setdefault(key.level, []).append(time.perf_counter() - t0)
+                assert data is not None, key
+                assert len(data) == m.blocks[str(key)].bytes, key
+    finally:
+        for tier in tiers.values():
+            await tier.aclose()
+    return out
+
+
+def analytic_limit(store: StoreConfig, raw: dict[int, list[float]]) -> dict[str, Any]:
+    """A path's levels are fetched at once: tiers in parallel, the levels of one tier in turn.
+    The limit is the slowest tier's sum of its levels' median cold read."""
+    per_tier: dict[str, float] = {}
+    for level, times in raw.items():
+        name = store.placement[level][0]
+        per_tier[name] = per_tier.get(name, 0.0) + statistics.median(times)
+    return {"per_tier_s": per_tier, "limit_s": max(per_tier.values())}
+
+
+async def server_cold_fetch(
+    c: httpx.AsyncClient, m: BankManifest, files: TierFiles, paths: list[list[int]]
+) -> list[float]:
+    out = []
+    for path in paths:
+        files.evict_blocks(m, path_keys(m.bank_id, path, m.branching))
+        t0 = time.perf_counter()
+        r = await c.post(
+            "/v1/memory/prefetch",
+            json={"path": path},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        )
+        out.append(time.perf_counter() - t0)
+        r.raise_for_status()
+        levels = r.json()["levels"]
+        assert all(lv["status"] == "loaded" and not lv["cached"] for lv in levels), levels
+    return out
+
+
+# -- 2. the Zipf workload -----------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    requests: int
+    seconds: float
+    blocks: list[dict[str, Any]]  # every response's memory.blocks entries
+    tokens: int
+
+
+async def zipf_workload(
+    c: httpx.AsyncClient,
+    m: BankManifest,
+    prompts: list[str],
+    *,
+    n: int,
+    zipf_s: float,
+    concurrency: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> Workload:
+    rng = np.random.default_rng(seed)
+    leaves = m.n_nodes(m.levels)
+    ranks = np.arange(1, leaves + 1, dtype=np.float64)
+    p = ranks**-zipf_s
+    order = rng.permutation(leaves)  # popularity is not tree order
+    drawn = order[rng.choice(leaves, size=n, p=p / p.sum())]
+    jobs = [
+        (prompts[i % len(prompts)], leaf_path(int(leaf), m.levels, m.branching))
+        for i, leaf in enumerate(drawn)
+    ]
+    blocks: list[dict[str, Any]] = []
+    tokens = 0
+    queue: asyncio.Queue[tuple[str, list[int]]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        nonlocal tokens
+        while not queue.empty():
+            prompt, path = queue.get_nowait()
+            r = await c.post("/v1/completions", json=body(prompt, max_tokens, path=path))
+            r.raise_for_status()
+            out = r.json()
+            blocks.extend(out["memory"]["blocks"])
+            tokens += out["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return Workload(n, time.perf_counter() - t0, blocks, tokens)
+
+
+def level_stats(w: Workload, levels: int) -> dict[int, dict[str, float]]:
+    out = {}
+    for level in range(1, levels + 1):
+        got = [b for b in w.blocks if b["level"] == level]
+        misses = [b["fetch_ms"] for b in got if not b["cached"]]
+        out[level] = {
+            "fetches": len(got),
+            "ram_hit_rate": sum(b["cached"] for b in got) / len(got) if got else float("nan"),
+            "miss_p50_ms": pct(misses, 50),
+            "miss_p99_ms": pct(misses, 99),
+            "all_p50_ms": pct([b["fetch_ms"] for b in got], 50),
+            "all_p99_ms": pct([b["fetch_ms"] for b in got], 99),
+        }
+    return out
+
+
+# -- 3-5. serving against its baselines ---------------------------------------------------------
+
+
+async def warm(c: httpx.AsyncClient, path: list[int]) -> None:
+    r = await c.post(
+        "/v1/memory/prefetch", json={"path": path}, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    r.raise_for_status()
+
+
+async def ttft_and_decode(
+    c: httpx.AsyncClient, prompt: str, path: list[int], *, reps: int, max_tokens: int
+) -> dict[str, Any]:
+    await warm(c, path)
+
+    async def ttft_mem(_: int) -> float:
+        return (await stream(c, body(prompt, 2, path=path))).ttft
+
+    async def ttft_off(_: int) -> float:
+        return (await stream(c, body(prompt, 2, mode="off"))).ttft
+
+    async def dec_mem(_: int) -> float:
+        return (await stream(c, body(prompt, max_tokens, path=path))).decode_rate
+
+    async def dec_off(_: int) -> float:
+        return (await stream(c, body(prompt, max_tokens, mode="off"))).decode_rate
+
+    await interleave({"a": ttft_mem, "b": ttft_off, "c": dec_mem, "d": dec_off}, 1)  # warm-up
+    ttft = compared(await interleave({"memory": ttft_mem, "off": ttft_off}, reps), "memory", "off")
+    dec = compared(await interleave({"memory": dec_mem, "off": dec_off}, reps), "memory", "off")
+    return {"ttft": ttft, "decode": dec}
+
+
+async def streams(
+    c: httpx.AsyncClient,
+    prompts: list[str],
+    paths: list[list[int]],
+    *,
+    max_tokens: int,
+    reps: int,
+) -> dict[str, Any]:
+    for path in paths:
+        await warm(c, path)
+    bodies = [body(prompts[i % len(prompts)], max_tokens, path=p) for i, p in enumerate(paths)]
+
+    async def together(_: int) -> float:
+        t0 = time.perf_counter()
+        got = await asyncio.gather(*(stream(c, b) for b in bodies))
+        return sum(s.tokens for s in got) / (time.perf_counter() - t0)
+
+    async def one_at_a_time(_: int) -> float:
+        t0, tokens = time.perf_counter(), 0
+        for b in bodies:
+            tokens += (await stream(c, b)).tokens
+        return tokens / (time.perf_counter() - t0)
+
+    return compared(
+        await interleave({"together": together, "one": one_at_a_time}, reps), "together", "one"
+    )
+
+
+async def hf_decode(
+    c: httpx.AsyncClient, anchor_dir: Path, prompt: str, *, reps: int, max_tokens: int
+) -> dict[str, Any]:
+    """hmem over HTTP (anchor alone) against `LlamaForCausalLM.generate`, same weights, bf16."""
+    import torch
+    import transformers
+    from transformers import LlamaForCausalLM
+
+    from bench.serve_hf import TokenClock, rate
+    from server.model.checkpoint import read_config
+    from server.tokenizer import AnchorTokenizer
+
+    hf_logging: Any = transformers.logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hf: Any = LlamaForCausalLM.from_pretrained(anchor_dir, dtype=torch.bfloat16).eval()
+    tok = AnchorTokenizer.from_dir(anchor_dir, read_config(anchor_dir))
+    ids = tok.encode(prompt)
+    got: dict[str, list[int] | str] = {}
+
+    async def http(_: int) -> float:
+        s = await stream(c, body(prompt, max_tokens, mode="off"))
+        got["http"] = s.text
+        return s.decode_rate
+
+    async def transformers_(_: int) -> float:
+        prompt_ids, clock = torch.tensor([ids]), TokenClock()
+        with torch.inference_mode():
+            full = hf.generate(
+                prompt_ids,
+                attention_mask=torch.ones_like(prompt_ids),
+                max_new_tokens=max_tokens,
+                min_new_tokens=max_tokens,
+                do_sample=False,
+                streamer=clock,
+                pad_token_id=0,
+            )
+        got["hf"] = tok.decode(full[0, len(ids) :].tolist())
+        return rate(clock.times)
+
+    await interleave({"http": http, "hf": transformers_}, 1)
+    out = compared(await interleave({"http": http, "hf": transformers_}, reps), "http", "hf")
+    text_hf, text_http = str(got["hf"]), str(got["http"])
+    same = next(
+        (i for i, (a, b) in enumerate(zip(text_hf, text_http, strict=False)) if a != b),
+        min(len(text_hf), len(text_http)),
+    )
+    out["greedy_agreement_chars"] = {
+        "common_prefix": same,
+        "hf": len(text_hf),
+        "http": len(text_http),
+    }
+    out["torch_threads"] = torch.get_num_threads()
+    return out
