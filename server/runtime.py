@@ -31,6 +31,7 @@ from server.engine.engine import Engine
 from server.engine.memory import MemoryResolver
 from server.engine.sampling import SamplingParams
 from server.engine.threads import cpu_executor, single_threaded_torch
+from server.malloc import fix_mmap_threshold
 from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor, read_config
 from server.model.config import AnchorConfig
@@ -69,6 +70,7 @@ class Runtime:
         if settings.device == "cuda" and not torch.cuda.is_available():
             raise ModelError("device is cuda but CUDA is not available on this machine")
         root = bank_dir(settings)
+        fix_mmap_threshold()  # freed block buffers go back to the system (malloc.py)
         single_threaded_torch()  # this is the event loop's thread: it may route inline
         loop = asyncio.get_running_loop()
         executor = cpu_executor()

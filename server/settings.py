@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     )
     warmup: bool = True
     torch_threads: int | None = Field(
-        None, ge=1, le=256, description="the model thread's torch threads; None: torch's default"
+        None, ge=1, le=256, description="the model thread's torch threads; None: every usable core"
     )
     chat_template: Path | None = Field(
         None, description="Jinja2 chat template file; None: the anchor's own (tokenizer_config)"

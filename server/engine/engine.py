@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 
 from server.engine.sampling import Sampler, SamplingParams, make_generator, prompt_logprobs
+from server.engine.threads import usable_cores
 from server.model.anchor import Anchor, KVCache
 from server.model.memory import MemoryBlock
-from server.model.memory_batch import MemoryBatch, build_memory_batch
+from server.model.memory_batch import MemoryBatch, build_memory_batch, compact_rows
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ class Engine:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_len = max_len or model.config.max_seq_len
-        self.torch_threads = torch_threads  # the model thread's intra-op threads; None: torch's
+        # The model thread's intra-op threads; None: every core this process may run on.
+        self.torch_threads = torch_threads or usable_cores()
         self.cache = KVCache(
             model.config,
             batch_size=max_batch,
@@ -238,8 +240,10 @@ class Engine:
     # -- the model thread -----------------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.torch_threads is not None:
-            torch.set_num_threads(self.torch_threads)  # per thread under OpenMP (threads.py)
+        # Always set: a thread inherits torch's thread count from wherever it was last set in the
+        # process, and the serving loop sets 1 for itself (threads.py). Left unset, the model ran
+        # on one core: 14 decode tokens/s against 19 on two at the 160M shape (docs/results.md).
+        torch.set_num_threads(self.torch_threads)
         with torch.inference_mode():
             while True:
                 with self._cv:
@@ -276,7 +280,7 @@ class Engine:
             self._end(g, "error", _failure(exc))
         with self._cv:
             self._active = []
-        self._memory_dirty = True
+        self._drop_memory()
         # Which rows the failure left NaN in is unknown: none is trusted by its next sequence.
         try:
             self.cache.k.zero_()
@@ -300,8 +304,14 @@ class Engine:
             self._end(g, "cancelled")
         return g.cancelled
 
+    def _drop_memory(self) -> None:
+        """The batch changed: free its memory tensors now, before any new ones are built, so
+        that a batch's memory (max_batch x a path's bytes) is never held twice."""
+        self._memory, self._memory_dirty = None, True
+
     def _batch_memory(self) -> MemoryBatch | None:
         if self._memory_dirty:
+            self._memory = None
             self._memory = build_memory_batch(
                 [g.memory for g in self._active], dtype=self.dtype, device=self.device
             )
@@ -318,7 +328,7 @@ class Engine:
             g.position = len(g.prompt)
         tokens = tokens.to(self.device)
         positions = torch.arange(T, device=self.device).expand(k, T)
-        self._memory_dirty = True
+        self._drop_memory()
 
         def forward(lo: int, hi: int) -> Tensor:
             memory = build_memory_batch(
@@ -445,6 +455,7 @@ class Engine:
         live = self._active
         i = 0
         changed = False
+        moves: list[tuple[int, int]] = []
         while i < len(live):
             g = live[i]
             if g.cancelled and not g.ended:
@@ -457,12 +468,17 @@ class Engine:
             last = len(live) - 1
             if i != last:
                 self.cache.move_row(last, i, live[last].position)
+                moves.append((last, i))
                 live[i] = live[last]
             with self._cv:
                 live.pop()
             changed = True
-        if changed:
-            self._memory_dirty = True
+        if not changed:
+            return
+        if self._memory is not None and not self._memory_dirty and live:
+            self._memory = compact_rows(self._memory, moves, len(live))  # rows follow the cache
+        else:
+            self._drop_memory()
 
     def _scrub_row(self, row: int) -> None:
         """Zero a cache row: whatever sequence gets it next attends over its stale positions."""

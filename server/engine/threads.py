@@ -11,9 +11,15 @@ inline), run torch single-threaded and leave the cores to the model thread.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity): the model thread's default threads."""
+    return len(os.sched_getaffinity(0))
 
 
 def single_threaded_torch() -> None:

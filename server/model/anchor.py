@@ -57,7 +57,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class LayerMemory:
     """One layer's slice of a `MemoryBatch`."""
 
-    ffn: tuple[Tensor, Tensor, Tensor] | None = None  # gate [B,R,d], up [B,R,d], down [B,d,R]
+    ffn: tuple[Tensor, Tensor] | None = None  # gate and up [B,2R,d], down [B,d,R]
     lora: dict[str, tuple[Tensor, Tensor]] | None = None  # target -> a [B,R,in], b [B,out,R]
     kv: tuple[Tensor, Tensor, Tensor] | None = None  # k, v [B,n_kv,R,hd], valid [B,R]
 
@@ -80,9 +80,7 @@ def layer_memories(memory: MemoryBatch | None, n_layers: int) -> list[LayerMemor
     if memory is None:
         return [NO_MEMORY] * n_layers
     if isinstance(memory, FFNMemoryBatch):
-        return [
-            LayerMemory(ffn=(memory.gate[i], memory.up[i], memory.down[i])) for i in range(n_layers)
-        ]
+        return [LayerMemory(ffn=(memory.gate_up[i], memory.down[i])) for i in range(n_layers)]
     if isinstance(memory, LoRAMemoryBatch):
         return [
             LayerMemory(lora={t: (memory.a[t][i], memory.b[t][i]) for t in memory.a})
@@ -190,10 +188,11 @@ class MLP(nn.Module):
         h = F.silu(gate) * up
         y = _plus(self.down_proj(h), mem.lora_delta("down", h))
         if mem.ffn is not None:
-            mg, mu, md = mem.ffn
-            # The memory's r neurons: x [B,T,d] -> [B,T,R] -> [B,T,d], batched per sequence.
-            hm = F.silu(torch.bmm(x, mg.transpose(1, 2))) * torch.bmm(x, mu.transpose(1, 2))
-            y = y + torch.bmm(hm, md.transpose(1, 2))
+            gate_up, md = mem.ffn
+            # The memory's R neurons: x [B,T,d] -> [B,T,2R] (gate and up in one matmul: at one
+            # token a step is mostly per-call cost) -> [B,T,R] -> [B,T,d], batched per sequence.
+            gu, r = torch.bmm(x, gate_up.transpose(1, 2)), md.shape[-1]
+            y = y + torch.bmm(F.silu(gu[..., :r]) * gu[..., r:], md.transpose(1, 2))
         return y
 
 

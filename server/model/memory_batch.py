@@ -22,9 +22,16 @@ from server.model.memory import FFNBlock, KVBlock, LoRABlock, MemoryBlock
 
 @dataclass(frozen=True, slots=True)
 class FFNMemoryBatch:
-    gate: Tensor  # [L, B, R, d]
-    up: Tensor  # [L, B, R, d]
+    gate_up: Tensor  # [L, B, 2R, d]: gate rows, then up rows (one matmul computes both)
     down: Tensor  # [L, B, d, R]
+
+    @property
+    def gate(self) -> Tensor:  # [L, B, R, d], a view
+        return self.gate_up[:, :, : self.down.shape[-1]]
+
+    @property
+    def up(self) -> Tensor:  # [L, B, R, d], a view
+        return self.gate_up[:, :, self.down.shape[-1] :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +72,13 @@ def build_memory_batch(
     widths = [sum(b.width for b in seq) for seq in per_sequence]
     R = max(widths)
 
-    def gather(name: str, dim: int) -> Tensor:
-        """[L, B, ...] of tensor `name`, whose width is `dim` of a block's [L, ...] tensor."""
+    def gather(name: str, dim: int, out: Tensor | None = None) -> Tensor:
+        """[L, B, ...] of tensor `name`, whose width is `dim` of a block's [L, ...] tensor
+        (written into `out` when given, a view of that shape)."""
         like = first.tensors()[name].shape
         shape = (like[0], len(per_sequence), *like[1:dim], R, *like[dim + 1 :])
-        out = torch.empty(shape, dtype=dtype, device=device)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=device)
         for row, (seq, width) in enumerate(zip(per_sequence, widths, strict=True)):
             dst = out[:, row]  # [L, ...]: this sequence's slab, a view
             offset = 0
@@ -87,7 +96,11 @@ def build_memory_batch(
         return out
 
     if isinstance(first, FFNBlock):
-        return FFNMemoryBatch(gate=gather("gate", 1), up=gather("up", 1), down=gather("down", 2))
+        L, d = first.gate.shape[0], first.gate.shape[2]
+        gate_up = torch.empty((L, len(per_sequence), 2 * R, d), dtype=dtype, device=device)
+        gather("gate", 1, gate_up[:, :, :R])
+        gather("up", 1, gate_up[:, :, R:])
+        return FFNMemoryBatch(gate_up=gate_up, down=gather("down", 2))
     if isinstance(first, LoRABlock):
         targets = list(first.a)
         for b in blocks:
@@ -103,3 +116,26 @@ def build_memory_batch(
     for i, w in enumerate(widths):
         valid[i, :w] = True
     return KVMemoryBatch(k=gather("k", 2), v=gather("v", 2), valid=valid)
+
+
+def compact_rows(batch: MemoryBatch, moves: Sequence[tuple[int, int]], keep: int) -> MemoryBatch:
+    """The batch after sequences left it: each (src, dst) row copied over in order, as the
+    engine moves its KV-cache rows, then the first `keep` rows (views: nothing is reallocated).
+
+    One row's copy instead of a rebuild of every row: at 16 sequences of 36.6 MB each, a
+    rebuild copies 0.59 GB every time one of them ends.
+    """
+
+    def rows(t: Tensor, dim: int) -> Tensor:
+        for src, dst in moves:
+            t.select(dim, dst).copy_(t.select(dim, src))
+        return t.narrow(dim, 0, keep)
+
+    if isinstance(batch, FFNMemoryBatch):
+        return FFNMemoryBatch(gate_up=rows(batch.gate_up, 1), down=rows(batch.down, 1))
+    if isinstance(batch, LoRAMemoryBatch):
+        return LoRAMemoryBatch(
+            a={t: rows(w, 1) for t, w in batch.a.items()},
+            b={t: rows(w, 1) for t, w in batch.b.items()},
+        )
+    return KVMemoryBatch(k=rows(batch.k, 1), v=rows(batch.v, 1), valid=rows(batch.valid, 0))

@@ -14,6 +14,7 @@ from server.model.memory_batch import (
     KVMemoryBatch,
     LoRAMemoryBatch,
     build_memory_batch,
+    compact_rows,
 )
 from tests.server.model.conftest import random_block
 
@@ -98,3 +99,27 @@ def test_blocks_that_differ_in_more_than_width_are_refused_by_name() -> None:
     ffn = random_block(MemoryType.FFN, 4, seed=1)
     with pytest.raises(MemoryFormatError, match="mixes memory types"):
         build_memory_batch([[wide], [ffn]], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("kind", list(MemoryType))
+def test_compacting_rows_equals_building_the_remaining_sequences(kind: MemoryType) -> None:
+    """Sequences 1 and 3 of 5 end: the engine moves row 4 into row 1 and drops rows 3 and 4
+    (its KV cache rows move alike); the batch is then that of sequences 0, 4 and 2."""
+    widths = [[4, 2], [4, 3], [2, 2, 1], [4], [3]]
+    seqs = [
+        [random_block(kind, w, seed=10 * i + j) for j, w in enumerate(ws)]
+        for i, ws in enumerate(widths)
+    ]
+    batch = build_memory_batch(seqs, dtype=torch.float32)
+    assert batch is not None
+    compacted = compact_rows(batch, [(4, 1)], 3)
+    got = batch_tensors(compacted)
+    remaining = [seqs[0], seqs[4], seqs[2]]
+    if isinstance(compacted, KVMemoryBatch):
+        assert compacted.valid.tolist() == [[i < w for i in range(7)] for w in (6, 3, 5)]
+    for name, tensor in got.items():
+        expected = reference(remaining, name, torch.float32)  # padded to 6, not to 7
+        dim = WIDTH_DIM[name.rsplit(".", 1)[-1]] + 1  # + the batch dim
+        assert tensor.shape[1] == 3, name
+        assert torch.equal(tensor.narrow(dim, 0, 6), expected), name
+        assert not tensor.narrow(dim, 6, 1).any(), name  # the old padding stays inert
