@@ -6,7 +6,8 @@ level 4 in an S3 server: `rclone serve s3` over a directory, started here unless
 names one) with `hmem serve` in its own process, and reports side by side in one run:
 
   - process memory: the server's peak anonymous RSS against anchor bytes + RAM cache budget
-    (goal <= 1.2x), beside its file-backed RSS (page cache of mapped files);
+    (goal <= 1.2x), beside its file-backed RSS (page cache of mapped files), measured with the
+    cache full: distinct paths are prefetched until it evicts, before the workload;
   - per level: RAM hit rate, fetch latency p50/p99 of a Zipf workload over the tree's leaves;
   - the cold fetch of a path against the analytic limit from cold raw reads of each tier
     (goal <= 1.1x);
@@ -41,7 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine
 from bench.scale_measure import (
     analytic_limit,
+    cache_metrics,
     cold_path_sets,
+    fill_cache,
     hf_decode,
     leaf_path,
     level_stats,
@@ -86,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ram-cache", default="6GiB", help="the server's RAM cache budget")
     p.add_argument("--context-length", type=int, default=512, help="KV cache positions")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together")
+    p.add_argument(
+        "--fill-paths", type=int, default=20000, help="most paths prefetched to fill the cache"
+    )
     p.add_argument("--requests", type=int, default=400, help="requests of the Zipf workload")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent over leaves")
     p.add_argument("--concurrency", type=int, default=4, help="Zipf workload clients")
@@ -101,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.ram_cache, args.context_length, args.max_batch = "256KiB", 128, 4
         args.requests, args.concurrency, args.streams, args.reps = 24, 2, 4, 2
-        args.max_tokens, args.cold_paths = 8, 2
+        args.max_tokens, args.cold_paths, args.fill_paths = 8, 2, 200
     elif args.bank is None:
         p.error("--bank is required (or --quick)")
     return args
@@ -185,6 +191,7 @@ async def measure(
         async with httpx.AsyncClient(base_url=srv.url, timeout=600) as c:
             served = await server_cold_fetch(c, m, files, served_set)
             result["cold"]["served_s"] = served
+            result["fill"] = await fill_cache(c, m, concurrency=4, limit=args.fill_paths)
             w = await zipf_workload(
                 c, m, texts, n=args.requests, zipf_s=args.zipf,
                 concurrency=args.concurrency, max_tokens=16,
@@ -204,12 +211,15 @@ async def measure(
             result["streams"] = await streams(
                 c, texts, paths, max_tokens=args.max_tokens, reps=max(2, args.reps // 4)
             )
+            result["cache_end"] = await cache_metrics(c)
             result["memory"] |= {
                 "peak_anon": srv.memory.peak_anon,
                 "peak_file": srv.memory.peak_file,
                 "end": srv.memory.read(),
                 "samples": srv.memory.samples[:: max(1, len(srv.memory.samples) // 400)],
             }
+            partial = args.out / "scale.partial.json"  # kept if what follows fails
+            partial.write_text(json.dumps(result, indent=2, default=str))
             if not args.no_hf:
                 if args.torch_threads is not None:
                     import torch

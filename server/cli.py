@@ -28,7 +28,7 @@ from server import __version__
 # them runs: `hmem serve` and the other serving commands never import the training package.
 TRAINING_COMMANDS = {
     "build": "train a memory bank from a corpus",
-    "synth": "write a synthetic long-tail knowledge corpus (corpus.jsonl, facts.jsonl)",
+    "synth": "write a long-tail knowledge corpus, synthetic or GeoNames (corpus, facts)",
     "eval": "long-tail accuracy by frequency bucket, with memory and without",
     "demo": "build the demo bank from the synthetic corpus (fixed seeds) and evaluate it",
 }
