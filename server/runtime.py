@@ -104,6 +104,7 @@ class Runtime:
             model = await loop.run_in_executor(
                 executor, partial(load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device)
             )
+            model.fuse_projections()  # q/k/v and gate/up as one matmul each: the same outputs
             tokenizer = AnchorTokenizer.from_dir(
                 bank.anchor_dir,
                 model.config,

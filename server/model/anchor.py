@@ -90,6 +90,18 @@ def layer_memories(memory: MemoryBatch | None, n_layers: int) -> list[LayerMemor
     return [LayerMemory(kv=(memory.k[i], memory.v[i], memory.valid)) for i in range(n_layers)]
 
 
+def _fuse_linears(*linears: nn.Linear) -> Tensor:
+    """One weight tensor of the linears' rows, each linear's weight now a view of its rows (so
+    the state dict and the memory are as before: no second copy)."""
+    fused = torch.cat([lin.weight.detach() for lin in linears])
+    start = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
+        start += n
+    return fused
+
+
 class KVCache:
     """Keys and values of every layer, stored at each token's position: [L, B, n_kv, S, hd]."""
 
@@ -140,6 +152,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
+        self._qkv: Tensor | None = None  # set by `fuse`: q, k and v weights in one tensor
+
+    def fuse(self) -> None:
+        """Serve q, k and v from one matmul: their weights become views of one tensor."""
+        self._qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -152,9 +169,14 @@ class Attention(nn.Module):
         cache: tuple[KVCache, int, Tensor, int] | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        q = _plus(self.q_proj(x), mem.lora_delta("q", x))
-        k = _plus(self.k_proj(x), mem.lora_delta("k", x))
-        v = _plus(self.v_proj(x), mem.lora_delta("v", x))
+        if self._qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            qkv, nq, nk = F.linear(x, self._qkv), self.q_proj.out_features, self.k_proj.out_features
+            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+        q = _plus(q, mem.lora_delta("q", x))
+        k = _plus(k, mem.lora_delta("k", x))
+        v = _plus(v, mem.lora_delta("v", x))
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -181,10 +203,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
+        self._gate_up: Tensor | None = None  # set by `fuse`
+
+    def fuse(self) -> None:
+        """Serve gate and up from one matmul: their weights become views of one tensor."""
+        self._gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor, mem: LayerMemory) -> Tensor:
-        gate = _plus(self.gate_proj(x), mem.lora_delta("gate", x))
-        up = _plus(self.up_proj(x), mem.lora_delta("up", x))
+        if self._gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gu, n = F.linear(x, self._gate_up), self.gate_proj.out_features
+            gate, up = gu[..., :n], gu[..., n:]
+        gate = _plus(gate, mem.lora_delta("gate", x))
+        up = _plus(up, mem.lora_delta("up", x))
         h = F.silu(gate) * up
         y = _plus(self.down_proj(h), mem.lora_delta("down", h))
         if mem.ffn is not None:
@@ -240,6 +272,16 @@ class Anchor(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> Anchor:
+        """For serving: q/k/v and gate/up each computed by one matmul (fewer, larger matrix
+        products: at one token a step is mostly the per-call cost of reading small weights).
+        Same outputs; the weights become views of the fused tensors and stop requiring grad."""
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def forward(
         self,

@@ -142,3 +142,28 @@ def test_cuda_matches_cpu_with_memory_and_cache(kind: MemoryType) -> None:
         mem = build_memory_batch(blocks, dtype=torch.float32, device="cuda")
         out = gpu(tokens.cuda(), cache=cache, memory=mem)
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", list(MemoryType))
+def test_fused_projections_give_the_same_logits_and_state(kind: MemoryType) -> None:
+    """`fuse_projections` (serving) computes q/k/v and gate/up in one matmul each: the same
+    logits with every memory type (LoRA patches q, k, v, gate and up here), the same state dict,
+    and no second copy of the weights."""
+    model = anchor()
+    targets = ("q", "k", "v", "gate", "up")
+    blocks = [random_block(kind, w, seed=i, targets=targets) for i, w in enumerate((8, 4))]
+    memory = build_memory_batch([blocks, blocks[:1]], dtype=torch.float32)
+    tokens = torch.cat([TOKENS, TOKENS.flip(1)])
+    with torch.no_grad():
+        before = model(tokens, memory=memory)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        params = sum(p.numel() for p in model.parameters())
+        model.fuse_projections()
+        torch.testing.assert_close(model(tokens, memory=memory), before, rtol=1e-5, atol=1e-5)
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k], v) for k, v in state.items())
+    assert sum(p.numel() for p in model.parameters()) == params
+    attn = model.model.layers[0].self_attn
+    assert attn._qkv is not None
+    assert attn.q_proj.weight.data_ptr() == attn._qkv.data_ptr()  # a view, not a copy
