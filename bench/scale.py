@@ -44,13 +44,13 @@ from bench.scale_measure import (
     analytic_limit,
     cache_metrics,
     cold_path_sets,
+    cold_paths,
     fill_cache,
     hf_decode,
     leaf_path,
     level_stats,
-    raw_reads,
-    server_cold_fetch,
     streams,
+    tier_devices,
     ttft_and_decode,
     zipf_workload,
 )
@@ -98,17 +98,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--streams", type=int, default=16, help="concurrent streams")
     p.add_argument("--reps", type=int, default=8, help="repetitions of each comparison")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per decode measurement")
-    p.add_argument("--cold-paths", type=int, default=6, help="paths per cold-fetch set")
+    p.add_argument(
+        "--cold-paths", type=int, default=8, help="cold paths read raw, and as many served"
+    )
     p.add_argument("--torch-threads", type=int, help="the server's and HF's torch threads")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     p.add_argument("--quick", action="store_true", help="small generated bank, few requests")
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="FILE",
+        help="re-render a saved scale.json (limit, verdicts, table, plot) without measuring; "
+        "with --bank, the cold-path limit is recomputed from its raw reads",
+    )
     p.add_argument("--out", type=Path, default=Path("bench/out/scale"))
     args = p.parse_args(argv)
     if args.quick:
         args.ram_cache, args.context_length, args.max_batch = "256KiB", 128, 4
         args.requests, args.concurrency, args.streams, args.reps = 24, 2, 4, 2
         args.max_tokens, args.cold_paths, args.fill_paths = 8, 2, 200
-    elif args.bank is None:
+    elif args.bank is None and args.from_json is None:
         p.error("--bank is required (or --quick)")
     return args
 
@@ -170,7 +179,6 @@ async def measure(
     store = StoreConfig.model_validate(settings["store"])
     files = TierFiles(settings["store"], args.s3_root)
     raw_set, served_set = cold_path_sets(m, args.cold_paths)
-    raw = await raw_reads(store, m, files, raw_set)
     result: dict[str, Any] = {
         "machine": machine(),
         "bank": {
@@ -183,14 +191,17 @@ async def measure(
             "level_block_bytes": {lvl: m.fetch_bytes([lvl]) for lvl in m.memory_levels()},
         },
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"ram_cache": ram_cache},
-        "cold": analytic_limit(store, raw) | {"raw_s": raw},
     }
     texts = prompts()
     with serve_process(settings, work, env={}, torch_threads=args.torch_threads) as srv:
         result["memory"] = {"anchor_bytes": anchor_bytes(bank), "ram_cache": ram_cache}
         async with httpx.AsyncClient(base_url=srv.url, timeout=600) as c:
-            served = await server_cold_fetch(c, m, files, served_set)
-            result["cold"]["served_s"] = served
+            raw, served = await cold_paths(c, store, m, files, raw_set, served_set)
+            devices = tier_devices(settings["store"], args.s3_root)
+            result["cold"] = analytic_limit(store, raw, devices) | {
+                "raw_s": raw,
+                "served_s": served,
+            }
             result["fill"] = await fill_cache(c, m, concurrency=4, limit=args.fill_paths)
             w = await zipf_workload(
                 c, m, texts, n=args.requests, zipf_s=args.zipf,
@@ -232,11 +243,29 @@ async def measure(
     return result
 
 
+def rerender(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(args.from_json.read_text())
+    for section in ("level_block_bytes",):
+        result["bank"][section] = {int(k): v for k, v in result["bank"][section].items()}
+    if args.bank is not None:
+        store = json.loads((args.bank / "serve.json").read_text())["store"]
+        raw = {int(k): v for k, v in result["cold"]["raw_s"].items()}
+        limit = analytic_limit(
+            StoreConfig.model_validate(store), raw, tier_devices(store, args.s3_root)
+        )
+        result["cold"] = {k: v for k, v in result["cold"].items() if k != "per_tier_s"} | limit
+    result["verdicts"] = verdicts(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hmem-scale-") as tmp:
-        result = asyncio.run(run(args, Path(tmp)))
+    if args.from_json is not None:
+        result = rerender(args)
+    else:
+        with tempfile.TemporaryDirectory(prefix="hmem-scale-") as tmp:
+            result = asyncio.run(run(args, Path(tmp)))
     (args.out / "scale.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     text = markdown(result)
     (args.out / "scale.md").write_text(text)

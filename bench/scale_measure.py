@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -91,14 +92,55 @@ async def raw_reads(
     return out
 
 
-def analytic_limit(store: StoreConfig, raw: dict[int, list[float]]) -> dict[str, Any]:
-    """A path's levels are fetched at once: tiers in parallel, the levels of one tier in turn.
-    The limit is the slowest tier's sum of its levels' median cold read."""
-    per_tier: dict[str, float] = {}
+def analytic_limit(
+    store: StoreConfig, raw: dict[int, list[float]], devices: dict[str, str]
+) -> dict[str, Any]:
+    """The fastest a path's fetch can be, given each level's median cold raw read.
+
+    The store reads a path's levels at once. Reads on different devices overlap; reads on one
+    device share its bandwidth and take as long as one after the other. So the limit is the
+    slowest device's sum of its levels' reads. `devices` maps each tier to the device its data
+    lies on (`tier_devices`): here LMDB, the disk tier and the S3 server's files may all share
+    one disk, and a limit that let them overlap would be one this machine cannot reach.
+    """
+    per_device: dict[str, float] = {}
     for level, times in raw.items():
-        name = store.placement[level][0]
-        per_tier[name] = per_tier.get(name, 0.0) + statistics.median(times)
-    return {"per_tier_s": per_tier, "limit_s": max(per_tier.values())}
+        device = devices[store.placement[level][0]]
+        per_device[device] = per_device.get(device, 0.0) + statistics.median(times)
+    return {"per_device_s": per_device, "devices": devices, "limit_s": max(per_device.values())}
+
+
+def tier_devices(settings: dict[str, Any], s3_root: Path | None) -> dict[str, str]:
+    """Tier name -> the device (`st_dev`) its data lies on; a remote S3 is its own device."""
+    out = {}
+    for name, tier in settings["tiers"].items():
+        if tier["kind"] == "lmdb":
+            path: Path | None = Path(tier["path"])
+        elif tier["kind"] == "disk":
+            path = Path(tier["root"])
+        else:
+            path = s3_root
+        out[name] = f"dev {os.stat(path).st_dev}" if path is not None else f"remote {name}"
+    return out
+
+
+async def cold_paths(
+    c: httpx.AsyncClient,
+    store: StoreConfig,
+    m: BankManifest,
+    files: TierFiles,
+    raw_set: list[list[int]],
+    served_set: list[list[int]],
+) -> tuple[dict[int, list[float]], list[float]]:
+    """Raw reads of one path, then the server's fetch of another, in turn: the disk's moods on
+    this shared machine hit the limit and the measurement alike."""
+    raw: dict[int, list[float]] = {}
+    served: list[float] = []
+    for raw_path, served_path in zip(raw_set, served_set, strict=True):
+        for level, times in (await raw_reads(store, m, files, [raw_path])).items():
+            raw.setdefault(level, []).extend(times)
+        served += await server_cold_fetch(c, m, files, [served_path])
+    return raw, served
 
 
 async def server_cold_fetch(

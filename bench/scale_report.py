@@ -94,10 +94,16 @@ def markdown(r: dict[str, Any]) -> str:
     raw = ", ".join(
         f"L{lvl} {statistics.median(ts) * 1e3:.1f} ms" for lvl, ts in sorted(cold["raw_s"].items())
     )
-    tiers = ", ".join(f"{t} {s * 1e3:.1f} ms" for t, s in cold["per_tier_s"].items())
+    tiers_on = {
+        dev: "+".join(t for t, d in cold["devices"].items() if d == dev)
+        for dev in cold["per_device_s"]
+    }
+    tiers = ", ".join(
+        f"{tiers_on[dev]} ({dev}) {s * 1e3:.1f} ms" for dev, s in cold["per_device_s"].items()
+    )
     lines += [
         "",
-        f"cold path: median cold raw read per level {raw}; per tier (its levels in turn) {tiers}; "
+        f"cold path: median cold raw read per level {raw}; per device (levels in turn) {tiers}; "
         f"analytic limit {cold['limit_s'] * 1e3:.1f} ms; served cold paths median "
         f"{statistics.median(cold['served_s']) * 1e3:.1f} ms "
         f"({', '.join(f'{s * 1e3:.0f}' for s in cold['served_s'])} ms)",
