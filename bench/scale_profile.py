@@ -1,7 +1,7 @@
 """Where the time of a step with memory goes, at the bank's shape (the "why" behind
 bench/scale.py's serving ratios; docs/results.md, "Paper scale").
 
-Loads the bank's anchor as `hmem serve` does (bf16), decodes one path's blocks from their tier
+Loads the bank's anchor as `hmem serve` does (bf16, projections fused), decodes one path's blocks from their tier
 copies, and times, in this process and with no server: building the memory batch, prefill with
 memory against without, and one decode step with memory against without, for 1 and 16
 sequences; then `torch.profiler` splits a decode step with memory by operator.
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
-    model = load_anchor(args.bank / ANCHOR_DIR, dtype=torch.bfloat16)
+    model = load_anchor(args.bank / ANCHOR_DIR, dtype=torch.bfloat16).fuse_projections()
     m = load_manifest(args.bank)
     blocks = asyncio.run(path_blocks(args.bank, args.s3_root, [0] * m.levels))
     print(f"torch threads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens")
