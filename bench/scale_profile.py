@@ -1,10 +1,11 @@
 """Where the time of a step with memory goes, at the bank's shape (the "why" behind
 bench/scale.py's serving ratios; docs/results.md, "Paper scale").
 
-Loads the bank's anchor as `hmem serve` does (bf16, projections fused), decodes one path's blocks from their tier
-copies, and times, in this process and with no server: building the memory batch, prefill with
-memory against without, and one decode step with memory against without, for 1 and 16
-sequences; then `torch.profiler` splits a decode step with memory by operator.
+Loads the bank's anchor as `hmem serve` does (bf16, projections fused), decodes one path's
+blocks from their tier copies, and times, in this process and with no server: building the
+memory batch, prefill with memory against without, and one decode step with memory against
+without, for 1 and 16 sequences; then `torch.profiler` splits a decode step with memory by
+operator.
 
     python bench/scale_profile.py --bank /data/scale/bank --s3-root /data/scale/s3
 """
