@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,17 +25,12 @@ from typing import Any
 
 import httpx
 
+from bench.soak_procs import free_port
 from server.bank.manifest import BankManifest
 from server.bank.paths import ANCHOR_DIR
 from tiers.keys import BlockKey, storage_key
 
 ADMIN_KEY = "scale-bench-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def evict(path: Path) -> None:

@@ -35,7 +35,7 @@ from server.bank.errors import BankExistsError
 from server.bank.manifest import FORMAT, MANIFEST_NAME, VERSION, BlockEntry, parse_manifest
 from server.bank.paths import ANCHOR_DIR, generic_relpath
 from server.bank.placement import check_placement, tier_location
-from server.bank.push import _bar
+from server.bank.push import progress_bar
 from server.bank.random_bank import random_centroids
 from server.bank.router_file import ROUTER_NAME, encode_router
 from server.bank.shapes import BankShape
@@ -229,7 +229,7 @@ async def generate_bank(
                 for tier in tiers.values():
                     if isinstance(tier, S3Tier):
                         await tier.create_bucket()
-            bar = _bar(sum(shape.block_bytes(k.level) for k in todo), "generate", progress)
+            bar = progress_bar(sum(shape.block_bytes(k.level) for k in todo), "generate", progress)
             with open(journal_path, "a") as journal, bar:  # noqa: ASYNC230 (appends of a line)
                 await _write_blocks(
                     todo, shape, seed, config, tiers, pool, journal, done, report, bar, concurrency

@@ -101,7 +101,7 @@ async def _bounded(items: Iterable[X], work: Callable[[X], Awaitable[None]], n: 
         await asyncio.gather(*workers, return_exceptions=True)
 
 
-def _bar(total: int, desc: str, progress: bool) -> tqdm[NoReturn]:
+def progress_bar(total: int, desc: str, progress: bool) -> tqdm[NoReturn]:
     return tqdm(
         total=total,
         desc=desc,
@@ -215,7 +215,7 @@ async def push_bank(
             total += blocks[str(key)].bytes
 
     desc = f"push {bank.manifest.bank_id} ({len(work)} blocks)"
-    with _bar(total, desc, progress) as bar:
+    with progress_bar(total, desc, progress) as bar:
 
         async def copy(item: tuple[BlockKey, list[str]]) -> None:
             key, targets = item
@@ -318,7 +318,7 @@ async def verify_bank(
     total = sum(blocks[str(key)].bytes for key, _ in targets)
 
     desc = f"verify {bank.manifest.bank_id} ({len(targets)} blocks)"
-    with _bar(total, desc, progress) as bar:
+    with progress_bar(total, desc, progress) as bar:
 
         async def check(item: tuple[BlockKey, str]) -> None:
             key, name = item

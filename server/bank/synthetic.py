@@ -55,23 +55,23 @@ def block_rng(seed: int, level: int, node: int) -> np.random.Generator:
     return np.random.default_rng([seed, level, node])
 
 
+def _random_ffn_block(shape: BankShape, level: int, rng: np.random.Generator) -> FFNBlock:
+    shapes = block_shapes(MemoryType.FFN, shape.model_shape(), width=shape.widths[level - 1])
+    dtype = torch_dtype(shape.dtype)
+    t = {name: _random_tensor(rng, s, dtype) for name, s in shapes.items()}
+    return FFNBlock(t["gate"], t["up"], t["down"])
+
+
 def random_block_bytes(shape: BankShape, level: int, node: int, seed: int) -> tuple[bytes, str]:
     """The encoded FFN block of (`level`, `node`) and its sha256 hex digest."""
-    shapes = block_shapes(MemoryType.FFN, shape.model_shape(), width=shape.widths[level - 1])
-    rng = block_rng(seed, level, node)
-    dtype = torch_dtype(shape.dtype)
-    tensors = {name: _random_tensor(rng, s, dtype) for name, s in shapes.items()}
-    data = encode_block(FFNBlock(tensors["gate"], tensors["up"], tensors["down"]), dtype=dtype)
+    block = _random_ffn_block(shape, level, block_rng(seed, level, node))
+    data = encode_block(block, dtype=shape.dtype)
     return data, hashlib.sha256(data).hexdigest()
 
 
 def random_generic_block(shape: BankShape, level: int, *, seed: int) -> FFNBlock:
-    """The generic memory of `level` (node id -1 in the seed)."""
-    shapes = block_shapes(MemoryType.FFN, shape.model_shape(), width=shape.widths[level - 1])
-    rng = np.random.default_rng([seed, level, 1 << 40])
-    dtype = torch_dtype(shape.dtype)
-    t = {name: _random_tensor(rng, s, dtype) for name, s in shapes.items()}
-    return FFNBlock(t["gate"], t["up"], t["down"])
+    """The generic memory of `level` (seeded past every node id)."""
+    return _random_ffn_block(shape, level, np.random.default_rng([seed, level, 1 << 40]))
 
 
 def write_random_anchor(shape: BankShape, out_dir: Path, *, seed: int) -> None:
