@@ -5,6 +5,7 @@
 #
 #   docker build -t hmem .
 #   docker run -p 127.0.0.1:8000:8000 -v hmem-data:/data hmem
+#   docker build --build-arg HMEM_EXTRAS=cluster -t hmem:cluster .    # with Ray Serve
 #
 # With no settings it serves the packaged demo bank: level 1 on LMDB and the deepest level on
 # disk under /data, or on S3 when HMEM_CLOUD_ENDPOINT is set (docker-compose.yml, docs/deploy.md).
@@ -24,12 +25,21 @@ ENV PATH=/opt/venv/bin:$PATH
 # code changes. Keep it equal to the pin in pyproject.toml (the test checks).
 RUN pip install torch==2.13.0
 
+# Extras of pyproject.toml installed with the package, comma-separated: `cluster` adds Ray Serve
+# for `hmem serve --replicas` (docker-compose.yml's cluster profile builds hmem:cluster with it).
+# Empty by default: Ray and its dependencies add about 340 MB in some 50 packages, a third more
+# virtualenv, that a single server never imports, and Ray's own services are attack surface
+# that an image without them does not have. One Dockerfile still builds both images: declared
+# after the torch layer, the argument leaves that layer cached and shared between the two.
+ARG HMEM_EXTRAS=""
+
 # Only what `pip install .` reads: the metadata, the readme it names, and the two packages.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server/ server/
 COPY tiers/ tiers/
-RUN pip install .
+# `.` alone when HMEM_EXTRAS is empty (pip refuses `.[]`), `.[cluster]` when it is `cluster`.
+RUN pip install ".${HMEM_EXTRAS:+[$HMEM_EXTRAS]}"
 
 
 FROM python:3.11-slim AS runtime

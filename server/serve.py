@@ -78,6 +78,41 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "(default: the model's max_position_embeddings)",
     )
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    c = s.add_argument_group(
+        "many replicas (Ray Serve; pip install 'hmem[cluster]', docs/cluster.md)"
+    )
+    c.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="serve with N engine replicas behind one ingress, requests routed to the replica "
+        "that holds their memory (default: one process, no Ray)",
+    )
+    c.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster ('auto' on a machine that ran `ray start`, or HOST:6379); "
+        "default: start a Ray on this machine",
+    )
+    c.add_argument(
+        "--replica-cpus",
+        type=float,
+        metavar="F",
+        help="Ray CPUs reserved per replica, and its torch threads (default: this machine's "
+        "cores / N; with --ray-address, 1 CPU and every core of its machine)",
+    )
+    c.add_argument(
+        "--max-replicas-per-node",
+        type=int,
+        metavar="K",
+        help="at most K replicas per machine (1: one per machine; default: no limit)",
+    )
+    c.add_argument(
+        "--routing",
+        choices=["residency", "ray"],
+        help="residency: to the replica holding the path (default); ray: Ray Serve's "
+        "power of two choices",
+    )
     s.set_defaults(run=run, user_errors=(ServeError,))
 
 
@@ -127,9 +162,46 @@ def run(args: argparse.Namespace) -> int:
         name: value for name in SETTING_FLAGS if (value := getattr(args, name)) is not None
     }
     settings = read_settings(args.config, **overrides)
-    # Before anything is opened: a taken port fails here in milliseconds, not after the model.
-    with listen_socket(settings.host, settings.port) as listener:
-        return _serve(settings, listener, log_level=args.log_level)
+    if args.replicas is None:
+        for flag in ("ray_address", "replica_cpus", "max_replicas_per_node", "routing"):
+            if getattr(args, flag) is not None:
+                raise ServeError(f"--{flag.replace('_', '-')} needs --replicas N")
+        # Before anything is opened: a taken port fails here in milliseconds, not after the model.
+        with listen_socket(settings.host, settings.port) as listener:
+            return _serve(settings, listener, log_level=args.log_level)
+    return _serve_replicas(settings, args)
+
+
+def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
+    """`--replicas N`: the Ray Serve application (server/cluster)."""
+    from server.cluster.command import ClusterError, run_cluster
+
+    try:
+        from server.cluster.app import ClusterOptions
+    except ImportError:
+        raise ServeError(
+            "--replicas needs Ray Serve, which is not installed: pip install 'hmem[cluster]'"
+        ) from None
+    try:
+        options = ClusterOptions(
+            replicas=args.replicas,
+            routing=args.routing or "residency",
+            replica_cpus=args.replica_cpus,
+            max_replicas_per_node=args.max_replicas_per_node,
+            local=args.ray_address is None,
+        )
+    except ValueError as exc:
+        name, _, rest = str(exc).partition(" ")  # the option's name first: say it as the flag
+        raise ServeError(f"--{name.replace('_', '-')} {rest}") from None
+    # The port is checked free here, in milliseconds; Serve's proxy binds it once Ray is up.
+    with listen_socket(settings.host, settings.port) as probe:
+        port = probe.getsockname()[1]
+    try:
+        return run_cluster(
+            settings, options, address=args.ray_address, port=port, log_level=args.log_level
+        )
+    except ClusterError as exc:
+        raise ServeError(str(exc)) from None
 
 
 def _serve(settings: Settings, listener: socket.socket, *, log_level: str) -> int:

@@ -2,12 +2,15 @@
 
 CI has no Docker engine, so neither file can be built or run here. Instead both are parsed and
 every fact they state about the code is checked against the code itself: the settings they set,
-the port, the health routes, the commands they run, the torch pin. A change on either side then
-breaks a test here instead of an image in production.
+the port, the health routes, the commands they run (hmem's with its own parser, Ray's with Ray's),
+the torch pin, the extras the image installs. A change on either side then breaks a test here
+instead of an image in production. docs/deploy.md's commands and settings files are checked the
+same way.
 """
 
 from __future__ import annotations
 
+import ast
 import fnmatch
 import functools
 import ipaddress
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +33,11 @@ from server.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "image"  # the Dockerfile's own container (`docker run`), beside the compose services
-COMPOSE_SERVICES_OF_IMAGE = ("bank-init", "hmem")
-SERVED_BY_IMAGE = (IMAGE, *COMPOSE_SERVICES_OF_IMAGE)
+COMPOSE_SERVICES_OF_IMAGE = ("bank-init", "hmem")  # the default profile's
+CLUSTER_PROFILE = "cluster"
+CLUSTER_SERVICES = ("ray-head", "ray-worker")  # `hmem serve --replicas` on two Ray nodes
+SERVED_BY_IMAGE = (IMAGE, *COMPOSE_SERVICES_OF_IMAGE, *CLUSTER_SERVICES)
+EXTRAS_ARG = "HMEM_EXTRAS"  # the Dockerfile's build argument: extras installed with the package
 URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"\])]+", re.IGNORECASE)
 
 
@@ -141,6 +148,58 @@ def image_healthcheck() -> list[str]:
     found = re.fullmatch(r"(?:--\S+\s+)*CMD\s+(.+)", instruction.args, re.DOTALL)
     assert found, f"HEALTHCHECK without a command: {instruction.args!r}"
     return command_argv(found[1])
+
+
+def pip_install_targets(args: str) -> list[str]:
+    """What the `pip install` commands of a RUN install, as written (options left out)."""
+    words = shlex.split(args)
+    targets: list[str] = []
+    for i in range(len(words) - 1):
+        if words[i : i + 2] != ["pip", "install"]:
+            continue
+        for word in words[i + 2 :]:
+            if word in {"&&", "||", ";", "|"}:
+                break
+            if not word.startswith("-"):
+                targets.append(word)
+    return targets
+
+
+def installs_the_package(args: str) -> bool:
+    """`pip install .`: the package itself, with or without extras (`.[x]`, `.${...}`)."""
+    return any(re.fullmatch(r"\.(\[.*\]|\$.*)?", t) for t in pip_install_targets(args))
+
+
+def package_install() -> tuple[Stage, Instruction]:
+    """The one stage that installs the package, and its RUN that does."""
+    found = [(s, run) for s in stages() for run in s.all("RUN") if installs_the_package(run.args)]
+    assert len(found) == 1, "the package is not installed with `pip install .` in one RUN"
+    return found[0]
+
+
+def build_args(stage: Stage) -> dict[str, str | None]:
+    """The ARGs a stage declares, with their defaults (None: no default)."""
+    declared: dict[str, str | None] = {}
+    for instruction in stage.all("ARG"):
+        for word in shlex.split(instruction.args):
+            name, sep, default = word.partition("=")
+            declared[name] = default if sep else None
+    return declared
+
+
+def installed_with(extras: str) -> list[str]:
+    """What the package's RUN installs when built with HMEM_EXTRAS=`extras`: the RUN run by
+    /bin/sh, as Docker runs it, with `pip` a shell function that prints its arguments."""
+    _, run = package_install()
+    assert not re.search(r"[;&|<>`]|\$\(", run.args), f"more than one pip install: {run.args}"
+    printed = subprocess.run(
+        ["/bin/sh", "-c", f'pip() {{ printf "%s\\n" "$@"; }}; {run.args}'],
+        env={"PATH": os.defpath, EXTRAS_ARG: extras},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return printed.stdout.splitlines()[1:]  # after "install"
 
 
 def copy_sources(stage: Stage) -> list[str]:
@@ -271,7 +330,9 @@ def compose_healthcheck(name: str) -> list[str]:
 
 
 def healthcheck_urls() -> list[str]:
-    commands = [image_healthcheck()] + [compose_healthcheck(s) for s in COMPOSE_SERVICES_OF_IMAGE]
+    # The cluster's ingress forwards every path but /metrics to a replica's app: the same routes.
+    services = [*COMPOSE_SERVICES_OF_IMAGE, "ray-head"]
+    commands = [image_healthcheck()] + [compose_healthcheck(s) for s in services]
     return [url for argv in commands for url in URL.findall(" ".join(argv))]
 
 
@@ -339,6 +400,7 @@ def test_container_port_agrees_everywhere() -> None:
         "CMD --port": int(port) if port else None,
         **{f"EXPOSE {p}": p for p in expose},
         **{f"compose hmem publishes {p}": p for p in container_ports("hmem")},
+        **{f"compose ray-head publishes {p}": p for p in container_ports("ray-head")},
         **{f"healthcheck {url}": urlsplit(url).port for url in healthcheck_urls()},
     }
     assert len(ports) >= 5, ports
@@ -352,7 +414,7 @@ def test_healthchecks_call_loopback_with_python() -> None:
     assert {urlsplit(url).path for url in urls} == {"/health", "/ready"}
     assert all(urlsplit(url).hostname == "127.0.0.1" for url in urls)
     # python:*-slim has neither curl nor wget; the image's own interpreter is on PATH.
-    for argv in [image_healthcheck(), compose_healthcheck("hmem")]:
+    for argv in [image_healthcheck(), compose_healthcheck("hmem"), compose_healthcheck("ray-head")]:
         assert re.search(r"\bpython3?\b", " ".join(argv)), argv
         assert not {"curl", "wget"} & set(" ".join(argv).split()), argv
 
@@ -407,12 +469,10 @@ def test_torch_is_pinned_and_installed_before_the_package() -> None:
         for run in stage.all("RUN"):
             assert re.findall(r"torch\S*", run.args) in ([], [pin]), run.args
 
-    package = re.compile(r"pip install(\s+-\S+)*\s+\.(\s|$)")
-    builders = [s for s in stages() if any(package.search(run.args) for run in s.all("RUN"))]
-    assert len(builders) == 1, "the package is not installed with `pip install .` in one stage"
-    runs = builders[0].all("RUN")
+    builder, _ = package_install()
+    runs = builder.all("RUN")
     torch_installs = [i for i, run in enumerate(runs) if pin in run.args]
-    package_installs = [i for i, run in enumerate(runs) if package.search(run.args)]
+    package_installs = [i for i, run in enumerate(runs) if installs_the_package(run.args)]
     assert torch_installs, "torch is not installed in the stage that installs the package"
     # Its own layer, first: cached while the code changes, and resolved before anything else.
     assert max(torch_installs) < min(package_installs)
@@ -667,3 +727,269 @@ def test_the_own_bank_override_gives_both_services_the_same_mounted_bank() -> No
     # bank-init names no bank, so it pushes the bank of its settings: HMEM_BANK.
     push = build_parser().parse_args(image_argv(service("bank-init")["command"])[1:])
     assert push.bank is None
+
+
+# --- the cluster profile: `hmem serve --replicas` on Ray ------------------------------------------
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a one-line shell script, split at `&&`, `||`, `;` and `|`, with a
+    leading `exec` and variable assignments left out: what each runs."""
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token in {"&&", "||", ";", "|"}:
+            commands.append([])
+        elif commands[-1] or not (token == "exec" or re.fullmatch(r"\w+=.*", token)):
+            commands[-1].append(token)
+    return [c for c in commands if c]
+
+
+def service_commands(name: str) -> list[list[str]]:
+    """What a service of the image runs, command by command (`sh -c SCRIPT` split up)."""
+    argv = image_argv(service(name)["command"])
+    if argv[:2] in (["sh", "-c"], ["/bin/sh", "-c"]):
+        return shell_commands(argv[2])
+    return [argv]
+
+
+def parse_hmem(argv: list[str], source: str) -> Any:
+    """`argv` (an `hmem ...` command) as the CLI's own parser reads it."""
+    assert argv[0] == "hmem", f"{source} runs {argv[0]!r}, not hmem"
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{source}: `{shlex.join(argv)}` is not a valid hmem command")
+
+
+def parse_ray(argv: list[str], source: str) -> dict[str, Any]:
+    """`argv` (a `ray SUBCOMMAND ...` command) as Ray's own CLI reads it: its options' values."""
+    # Imported here: Ray's CLI imports Ray (about 2 s), which only these tests need.
+    import click
+    from ray.scripts.scripts import cli
+
+    assert argv[0] == "ray", f"{source} runs {argv[0]!r}, not ray"
+    command = cli.commands.get(argv[1])
+    assert command is not None, f"{source}: `ray {argv[1]}` is no command of Ray's CLI"
+    try:
+        context = command.make_context(f"ray {argv[1]}", argv[2:])
+    except click.ClickException as exc:
+        pytest.fail(f"{source}: `{shlex.join(argv)}`: {exc.format_message()}")
+    return dict(context.params)
+
+
+def byte_size(text: str | int) -> int:
+    """A Compose byte value (`shm_size: 1gb`, `512m`): its units are powers of 1024."""
+    found = re.fullmatch(r"(\d+)\s*([kmg]?)b?", str(text).strip().lower())
+    assert found, f"not a byte value: {text!r}"
+    return int(found[1]) * 1024 ** " kmg".index(found[2] or " ")
+
+
+def head_commands() -> tuple[dict[str, Any], Any]:
+    """The head's `ray start` options and its `hmem serve` arguments, in the order they run."""
+    commands = service_commands("ray-head")
+    assert [c[:2] for c in commands] == [["ray", "start"], ["hmem", "serve"]], commands
+    return parse_ray(commands[0], "compose ray-head"), parse_hmem(commands[1], "compose ray-head")
+
+
+def worker_start() -> dict[str, Any]:
+    commands = service_commands("ray-worker")
+    assert [c[:2] for c in commands] == [["ray", "start"]], commands
+    return parse_ray(commands[0], "compose ray-worker")
+
+
+def test_byte_size_parsing() -> None:
+    assert byte_size("1gb") == 2**30
+    assert byte_size("512m") == 512 * 2**20
+    assert byte_size(4096) == 4096
+
+
+def test_cluster_services_start_only_under_their_profile() -> None:
+    services = compose()["services"]
+    for name in CLUSTER_SERVICES:
+        assert service(name).get("profiles") == [CLUSTER_PROFILE], name
+    # `docker compose up` is what it was: the same services, none of them waiting on a Ray node.
+    default = {name for name, spec in services.items() if not spec.get("profiles")}
+    assert default == {"minio", *COMPOSE_SERVICES_OF_IMAGE}
+    for name in default:
+        assert not set(service(name).get("depends_on", {})) & set(CLUSTER_SERVICES), name
+        assert not set(mounts(name).values()) & {
+            volume for node in CLUSTER_SERVICES for volume in mounts(node).values()
+        }, f"{name} shares a volume with a Ray node"
+
+
+def test_cluster_image_has_ray_and_the_default_image_does_not() -> None:
+    builder, run = package_install()
+    declared = build_args(builder)
+    assert declared.get(EXTRAS_ARG) == "", f"{EXTRAS_ARG} must default to no extras"
+    # Declared after the torch layer: a cluster build reuses that layer instead of redoing it.
+    arg = next(i for i in builder.all("ARG") if EXTRAS_ARG in i.args)
+    torch_runs = [r.line for r in builder.all("RUN") if "torch==" in r.args]
+    assert torch_runs
+    assert max(torch_runs) < arg.line < run.line
+    assert installed_with("") == ["."]
+
+    extras = pyproject()["project"]["optional-dependencies"]
+    images = {service(name)["image"] for name in CLUSTER_SERVICES}
+    assert len(images) == 1, "Ray needs the same Ray and Python on every node: one image"
+    assert images.isdisjoint({service(name)["image"] for name in COMPOSE_SERVICES_OF_IMAGE}), (
+        "two builds with different extras would tag one image"
+    )
+    builds = [service(name)["build"] for name in CLUSTER_SERVICES]
+    assert all(b == builds[0] for b in builds)
+    wanted = str(builds[0]["args"][EXTRAS_ARG])
+    assert installed_with(wanted) == [f".[{wanted}]"]
+    for extra in wanted.split(","):
+        assert extra in extras, f"pyproject.toml has no extra {extra!r}"
+    with_ray = [r for e in wanted.split(",") for r in extras[e] if re.match(r"ray\[", r)]
+    assert any("serve" in re.split(r"[\[\],\s]+", r) for r in with_ray), (
+        f"the extras {wanted!r} do not install ray[serve]"
+    )
+
+
+def test_the_head_serves_replicas_on_the_ray_it_started() -> None:
+    ray, serve = head_commands()
+    assert ray["head"]
+    assert serve.command == "serve"
+    assert serve.replicas >= 2
+    # `auto`: the Ray that `ray start` just started in this container.
+    assert serve.ray_address == "auto"
+    assert serve.routing in (None, "residency")  # None: the default, residency
+    # Serve's proxy answers through the published port, on the port the healthcheck asks.
+    assert ipaddress.ip_address(serve.host).is_unspecified
+    assert (
+        {serve.port}
+        == container_ports("ray-head")
+        == {urlsplit(url).port for url in URL.findall(" ".join(compose_healthcheck("ray-head")))}
+    )
+    # Nothing in the command overrides the placement the nodes share with bank-init.
+    assert serve.config is None
+    assert serve.bank is None
+    assert serve.cloud_endpoint is None
+    # hmem, not the shell, is PID 1: `docker stop`'s SIGTERM reaches it.
+    script = service("ray-head")["command"][2]
+    assert re.search(r"&&\s*exec\s+hmem\s", script), script
+
+
+def test_every_replica_has_a_node() -> None:
+    _, serve = head_commands()
+    workers = int(service("ray-worker").get("deploy", {}).get("replicas", 1))
+    nodes = 1 + workers
+    if serve.max_replicas_per_node is not None:
+        # Replicas beyond this never start, and the application never gets ready.
+        assert serve.replicas <= nodes * serve.max_replicas_per_node
+    # One replica per container, as on separate machines: each its own RAM cache and tiers.
+    assert serve.max_replicas_per_node == 1
+    assert serve.replicas == nodes
+
+
+def test_the_worker_joins_the_head() -> None:
+    ray, _ = head_commands()
+    worker = worker_start()
+    assert not worker["head"]
+    # --block: in the foreground, so that the container lives as long as the node.
+    assert worker["block"]
+    host, _, port = str(worker["address"]).rpartition(":")
+    assert host == "ray-head"
+    assert int(port) == (ray["port"] or 6379)
+    assert service("ray-worker")["depends_on"]["ray-head"]["condition"] == "service_started", (
+        "the head is ready only once this node has joined: waiting on its health never ends"
+    )
+    assert service("ray-worker")["restart"] == "unless-stopped"
+    # The image's healthcheck asks for the HTTP API, which only the head serves.
+    assert service("ray-worker")["healthcheck"] == {"disable": True}
+
+
+def test_the_head_starts_after_the_bank_is_pushed() -> None:
+    head = service("ray-head")
+    assert head["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert head["depends_on"]["bank-init"]["condition"] == "service_completed_successfully"
+    assert head["restart"] == "unless-stopped"
+
+
+def test_ray_nodes_share_the_hmem_env() -> None:
+    # x-hmem-env on both: every replica reads the deepest level from MinIO, where bank-init put
+    # it, and each node's boto3 finds the S3 credentials in its own environment.
+    pushed = {k: v for k, v in compose_env("bank-init").items() if k.startswith(("HMEM_", "AWS_"))}
+    for name in CLUSTER_SERVICES:
+        env = compose_env(name)
+        assert {k: env.get(k) for k in pushed} == pushed, name
+    # Settings are read on the head and shipped: one set elsewhere would be silently ignored.
+    worker_settings = {k for k in compose_env("ray-worker") if k.startswith("HMEM_")}
+    assert worker_settings <= set(pushed), worker_settings - set(pushed)
+    # The head may pass the keys through, like the default server, never fix them.
+    head_env = compose_env("ray-head")
+    for key in ("HMEM_API_KEYS", "HMEM_ADMIN_KEY"):
+        assert head_env.get(key, None) is None, f"{key} has a value in docker-compose.yml"
+
+
+def test_each_ray_node_keeps_its_own_state() -> None:
+    data_dir = str(container_env("ray-head")["HMEM_DATA_DIR"])
+    volumes = [mounts(name).get(data_dir) for name in CLUSTER_SERVICES]
+    assert all(v in compose()["volumes"] for v in volumes), volumes
+    # Replica-local tiers are per machine: one LMDB is never opened from two containers.
+    assert len(set(volumes)) == len(volumes)
+    assert mounts("hmem")[data_dir] not in volumes
+
+
+def test_ray_object_store_fits_shared_memory() -> None:
+    ray, _ = head_commands()
+    for name, options in [("ray-head", ray), ("ray-worker", worker_start())]:
+        store = options["object_store_memory"]
+        shm = service(name).get("shm_size")
+        # Docker's default /dev/shm is 64 MB: Ray would put its store in /tmp instead, slowly.
+        assert store is not None, f"{name}: --object-store-memory is not set"
+        assert shm is not None, f"{name}: no shm_size"
+        assert store <= byte_size(shm), f"{name}: the object store does not fit {shm}"
+
+
+# --- docs/deploy.md: its commands and settings files ----------------------------------------------
+
+
+def doc_commands() -> list[list[str]]:
+    """The `hmem` and `ray` commands of docs/deploy.md's shell blocks."""
+    lines: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", deploy_doc(), re.DOTALL):
+        lines += block.replace("\\\n", " ").splitlines()
+    commands = [c for line in lines if line.strip() for c in shell_commands(line)]
+    return [c for c in commands if c[0] in ("hmem", "ray")]
+
+
+def test_doc_commands_parse() -> None:
+    commands = doc_commands()
+    replicas = []
+    for argv in commands:
+        if argv[0] == "hmem":
+            args = parse_hmem(argv, "docs/deploy.md")
+            if args.command == "serve" and args.replicas is not None:
+                replicas.append(args)
+        else:
+            parse_ray(argv, "docs/deploy.md")
+    assert replicas, "docs/deploy.md shows no `hmem serve --replicas`"
+    assert any(a.ray_address == "auto" and a.max_replicas_per_node == 1 for a in replicas)
+    # Serve's proxy on every interface is the API on the network: the page says keys first.
+    assert "HMEM_API_KEYS" in deploy_doc()
+
+
+def test_doc_settings_files_are_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in list(os.environ):
+        if variable.startswith("HMEM_"):
+            monkeypatch.delenv(variable)
+    blocks = re.findall(r"```toml\n(.*?)```", deploy_doc(), re.DOTALL)
+    assert blocks, "docs/deploy.md shows no settings file"
+    for number, block in enumerate(blocks):
+        path = tmp_path / f"settings-{number}.toml"
+        path.write_text(block)
+        load_settings(path)
+
+
+def test_doc_serve_run_names_the_cluster_application() -> None:
+    targets = re.findall(r"\bserve run ([\w.]+):(\w+)", deploy_doc())
+    assert targets, "docs/deploy.md shows no `serve run`"
+    for module, name in targets:
+        path = REPO / Path(*module.split(".")).with_suffix(".py")
+        assert path.is_file(), f"`serve run {module}:{name}`: no {path.relative_to(REPO)}"
+        tree = ast.parse(path.read_text())
+        functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert name in functions, f"{module} defines no function {name}"

@@ -211,6 +211,11 @@ class Engine:
             self._cv.notify()
         return gens
 
+    @property
+    def alive(self) -> bool:
+        """Its model thread is running (a health check: a dead thread serves nothing more)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def retry_after_s(self) -> float:
         """A guess at when a slot frees: a typical request's decode steps."""
         return max(1.0, min(60.0, self._step_s * 64))

@@ -14,7 +14,9 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 from server.engine.blocklist import Blocklist
@@ -29,6 +31,13 @@ Fallback = Literal["generic", "none"]
 Reason = Literal["blocked", "disabled", "late", "unavailable", "missing", "corrupt"]
 # Longer prompts are embedded in the executor even with hashed TF-IDF (its cost grows with text).
 _INLINE_ROUTE_CHARS = 4096
+
+# Paths already routed for this request's texts (route text -> path of child indices): the
+# cluster's ingress routes every prompt to place the request, and a replica takes its paths
+# rather than embedding the same text again (server/cluster/bridge.py; only for the same build).
+route_hints: ContextVar[Mapping[str, tuple[int, ...]]] = ContextVar(
+    "route_hints", default=MappingProxyType({})
+)
 
 
 class MemoryRequestError(ValueError):
@@ -165,8 +174,11 @@ class MemoryResolver:
 
         Hashed TF-IDF routes a prompt in about 0.1 ms, less than a hand-off to a worker thread
         and back costs under load, so it runs on the event loop (whose torch is single-threaded,
-        `server.engine.threads`); MiniLM (about 5 ms) runs in the executor.
+        `server.engine.threads`); MiniLM (about 5 ms) runs in the executor. A path the cluster's
+        ingress routed already (`route_hints`) is taken as it is, with no distances.
         """
+        if (hinted := route_hints.get().get(text)) is not None:
+            return tuple(hinted), self.node_ids(hinted), []
         if self.router.routes_sparsely and len(text) <= _INLINE_ROUTE_CHARS:
             nodes, choices, dists = self.router.route_one(text)
         else:
