@@ -313,6 +313,9 @@ class Ingress:
                 self.metrics.retries.labels("replica_lost").inc()
                 await asyncio.sleep(min(0.05 * 2**attempt_no, 1.0))
                 continue
+            except BaseException:
+                attempt.cancel()  # the client left (or the app failed): stop the replica's work
+                raise
             self._placed(sent, attempt)
             if attempt.status == 429 and attempt_no < self.options.retries:
                 # This replica's queue is full; another may have room. Its answer is kept in

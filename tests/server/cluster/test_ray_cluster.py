@@ -140,6 +140,22 @@ def test_requests_of_one_subtree_land_on_one_replica(cluster: str) -> None:
     assert 'hmem_cluster_placed_total{how="' in text
 
 
+def test_a_client_that_leaves_mid_stream_frees_its_sequence(cluster: str) -> None:
+    body = {"prompt": IRON, "max_tokens": 250, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{cluster}/v1/completions", json=body, timeout=60) as r:
+        replica = r.headers[REPLICA_HEADER]
+        for line in r.iter_lines():
+            if '"text"' in line:
+                break  # one token in: hang up
+    series = f'hmem_engine_active_sequences{{replica="{replica}"}}'
+    cancelled = f'hmem_engine_cancelled_sequences_total{{replica="{replica}"}}'
+    deadline = time.monotonic() + 20
+    while _metric(cluster, series) != 0 and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert _metric(cluster, series) == 0
+    assert _metric(cluster, cancelled) >= 1
+
+
 def _sse_events(raw: str) -> list[Any]:
     out = []
     for event in raw.split("\n\n"):
