@@ -188,7 +188,15 @@ def test_a_replica_killed_mid_burst_loses_no_request(cluster: str) -> None:
                 return stream, r.status_code, r.text
 
             tasks = [asyncio.create_task(one(i)) for i in range(16)]
-            await asyncio.sleep(1.0)  # the burst is decoding on the victim
+            # Kill once the burst is decoding on the victim (whatever this machine's speed).
+            active = f'hmem_engine_active_sequences{{replica="{victim}"}} '
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+                text = (await client.get("/metrics")).text
+                line = next((x for x in text.splitlines() if x.startswith(active)), None)
+                if line is not None and float(line.rsplit(" ", 1)[1]) >= 2:
+                    break
             ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
             return await asyncio.gather(*tasks)
 
