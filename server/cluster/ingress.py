@@ -14,10 +14,10 @@ ingress adds three things:
   not), then passed through. A replica that answers 429 (its queue is full) has the request
   tried on another one first. After the first token, a lost replica ends the stream with an
   error event, since the tokens sent cannot be taken back.
-- **Many replicas as one server.** `/metrics` adds, per replica (label `replica`), what its RAM
-  cache holds and its hit rate (from its routing reports), then every replica's own metrics,
-  fetched from each and relabelled; the blocklist changes (`/v1/memory/block`, `unblock`) go
-  to every replica.
+- **Many replicas as one server.** `/metrics` adds, per replica, what its RAM cache holds and
+  its hit rate, then every replica's own metrics, fetched from each and relabelled
+  (`server.cluster.metrics`); the blocklist changes (`/v1/memory/block`, `unblock`) go to
+  every replica.
 
 This module imports no Ray: the handle it is given only needs `.options(stream=True)` and a
 `serve_http.remote(fwd)` that yields frames, so the tests can run it over replicas in-process.
@@ -30,20 +30,17 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CollectorRegistry, Counter, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from server import __version__
 from server.cluster.bridge import Forward, Frame, header
+from server.cluster.metrics import ClusterMetrics
 from server.cluster.placer import Placer
 
 log = logging.getLogger(__name__)
@@ -68,105 +65,6 @@ class EngineHandle(Protocol):
 class IngressOptions:
     retries: int = 3  # attempts after the first, each on a replica not tried yet when possible
     metrics_timeout_s: float = 3.0  # each replica's /metrics, in the fan-out
-
-
-class ClusterMetrics:
-    """The ingress's own counters, and the per-replica view from the routing reports."""
-
-    def __init__(self, reports: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "hmem_cluster_requests", "Requests answered by the ingress", ["endpoint", "status"],
-            registry=r,
-        )  # fmt: skip
-        self.placed = Counter(
-            "hmem_cluster_placed",
-            "Routed requests by where they went: a replica holding their path (resident), "
-            "their subtree's home, spilled off a busy holder, elsewhere (other), or anywhere "
-            "(any: no residency routing)",
-            ["how"],
-            registry=r,
-        )
-        self.retries = Counter(
-            "hmem_cluster_retries", "Attempts sent again, by why", ["reason"], registry=r
-        )
-        self.lost = Counter(
-            "hmem_cluster_streams_cut",
-            "Streams ended by a lost replica after tokens were sent",
-            registry=r,
-        )
-        r.register(_ReplicaCollector(reports))
-
-
-class _ReplicaCollector(Collector):
-    """Per-replica gauges from the replicas' routing reports."""
-
-    def __init__(self, reports: Callable[[], dict[str, dict[str, Any]]]) -> None:
-        self.reports = reports
-
-    def collect(self) -> Iterable[Metric]:
-        reports = self.reports()
-        up = GaugeMetricFamily(
-            "hmem_replica_reporting",
-            "1 when the replica has sent the router a residency report",
-            labels=["replica"],
-        )
-        subtrees = GaugeMetricFamily(
-            "hmem_replica_resident_subtrees",
-            "Level-1 subtrees with any block in the replica's RAM cache",
-            labels=["replica"],
-        )
-        blocks = GaugeMetricFamily(
-            "hmem_replica_resident_blocks",
-            "Blocks of each level in the replica's RAM cache",
-            labels=["replica", "level"],
-        )
-        hits = GaugeMetricFamily(
-            "hmem_replica_ram_hits", "RAM cache hits since the replica started", labels=["replica"]
-        )
-        misses = GaugeMetricFamily(
-            "hmem_replica_ram_misses",
-            "RAM cache misses since the replica started",
-            labels=["replica"],
-        )
-        ratio = GaugeMetricFamily(
-            "hmem_replica_ram_hit_ratio",
-            "RAM cache hits / (hits + misses) since the replica started",
-            labels=["replica"],
-        )
-        for rid, stats in sorted(reports.items()):
-            up.add_metric([rid], 1.0 if stats else 0.0)
-            resident = {int(k): v for k, v in stats.get("resident", {}).items()}
-            top = min(resident, default=None)
-            subtrees.add_metric([rid], float(len(resident[top]) if top is not None else 0))
-            for level, nodes in sorted(resident.items()):
-                blocks.add_metric([rid, str(level)], float(len(nodes)))
-            h, m = stats.get("hits", 0), stats.get("misses", 0)
-            hits.add_metric([rid], float(h))
-            misses.add_metric([rid], float(m))
-            ratio.add_metric([rid], h / (h + m) if h + m else 0.0)
-        yield from (up, subtrees, blocks, hits, misses, ratio)
-
-
-class _Relabelled(Collector):
-    """Metric families parsed from replicas' /metrics, each sample labelled with its replica."""
-
-    def __init__(self, texts: dict[str, str]) -> None:
-        self.texts = texts
-
-    def collect(self) -> Iterable[Metric]:
-        merged: dict[str, Metric] = {}
-        for rid, text in sorted(self.texts.items()):
-            for family in text_string_to_metric_families(text):
-                out = merged.get(family.name)
-                if out is None:
-                    out = merged[family.name] = Metric(
-                        family.name, family.documentation, family.type, family.unit
-                    )
-                for s in family.samples:
-                    out.samples.append(s._replace(labels={**s.labels, "replica": rid}))
-        yield from merged.values()
 
 
 def _is_token_event(event: bytes) -> bool:
@@ -436,9 +334,7 @@ class Ingress:
         texts = {
             rid: got[1].decode("utf-8") for rid, got in answers if got is not None and got[0] == 200
         }
-        relabelled = CollectorRegistry()
-        relabelled.register(_Relabelled(texts))
-        return generate_latest(self.metrics.registry) + generate_latest(relabelled)
+        return self.metrics.render(texts)
 
     async def broadcast(self, request: Request) -> Response:
         """The same admin change on every replica; the first refusal, or the first answer."""
