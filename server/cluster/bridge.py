@@ -19,7 +19,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from server.engine.memory import route_hints
 
@@ -47,7 +47,6 @@ class Forward:
     attempt: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-FrameKind = Literal["replica", "start", "body"]
 # ("replica", id) | ("start", status, headers) | ("body", bytes)
 Frame = tuple[Any, ...]
 

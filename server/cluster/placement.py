@@ -51,13 +51,6 @@ class Residency:
             held += 1
         return held
 
-    def subtrees(self) -> frozenset[int]:
-        """The level-1 nodes it holds any block of, at any level."""
-        top = min(self.nodes, default=None)
-        if top is None:
-            return frozenset()
-        return self.nodes[top]
-
     def merged(self, seen: Mapping[int, set[int]]) -> Residency:
         """This residency with `seen` (recently served, not yet reported) added."""
         if not seen:
