@@ -71,10 +71,12 @@ def _percentiles(xs: list[float]) -> dict[str, float]:
 def by_window(outcomes: Sequence[Outcome], faults: Sequence[Fault]) -> dict[str, Any]:
     """Per fault window (and outside any, `calm`): the answers with a `memory` object, the
     `memory.degraded` reasons seen (`L<level>:<reason>`), and which tier served the fault's level
-    (`none` when it did not come)."""
+    (`none` when it did not come). Every fault that ran has its window here, with 0 answers when
+    none landed in it: a corruption repaired at the first read can close its window in a few
+    tenths of a second, before any load request finishes."""
     seen: dict[str, Counter[str]] = defaultdict(Counter)
     served: dict[str, Counter[str]] = defaultdict(Counter)
-    answered: Counter[str] = Counter()
+    answered: Counter[str] = Counter({str(i): 0 for i, f in enumerate(faults) if not f.skipped})
     for o in outcomes:
         if o.memory is None:
             continue
