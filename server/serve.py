@@ -113,6 +113,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="residency: to the replica holding the path (default); ray: Ray Serve's "
         "power of two choices",
     )
+    c.add_argument(
+        "--spill",
+        type=int,
+        metavar="K",
+        help="residency routing passes a replica holding the path over when it has K or more "
+        "requests in flight beyond the least loaded one, so a hot subtree spreads (default: 4)",
+    )
     s.set_defaults(run=run, user_errors=(ServeError,))
 
 
@@ -163,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = read_settings(args.config, **overrides)
     if args.replicas is None:
-        for flag in ("ray_address", "replica_cpus", "max_replicas_per_node", "routing"):
+        for flag in ("ray_address", "replica_cpus", "max_replicas_per_node", "routing", "spill"):
             if getattr(args, flag) is not None:
                 raise ServeError(f"--{flag.replace('_', '-')} needs --replicas N")
         # Before anything is opened: a taken port fails here in milliseconds, not after the model.
@@ -182,12 +189,15 @@ def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
         raise ServeError(
             "--replicas needs Ray Serve, which is not installed: pip install 'hmem[cluster]'"
         ) from None
+    if args.spill is not None and args.routing == "ray":
+        raise ServeError("--spill applies to --routing residency, not to Ray's own routing")
     try:
         options = ClusterOptions(
             replicas=args.replicas,
             routing=args.routing or "residency",
             replica_cpus=args.replica_cpus,
             max_replicas_per_node=args.max_replicas_per_node,
+            spill=4 if args.spill is None else args.spill,
             local=args.ray_address is None,
         )
     except ValueError as exc:

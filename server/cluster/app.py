@@ -57,6 +57,8 @@ class ClusterOptions:
             raise ValueError(f"routing must be 'residency' or 'ray', got {self.routing!r}")
         if self.replica_cpus is not None and self.replica_cpus < 0:
             raise ValueError(f"replica_cpus must be at least 0, got {self.replica_cpus}")
+        if self.spill < 1:
+            raise ValueError(f"spill must be at least 1, got {self.spill}")
         if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
             raise ValueError(
                 f"max_replicas_per_node must be at least 1, got {self.max_replicas_per_node}"

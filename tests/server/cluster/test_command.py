@@ -16,6 +16,7 @@ from server.cli import main
         ["--replica-cpus", "1"],
         ["--max-replicas-per-node", "1"],
         ["--routing", "ray"],
+        ["--spill", "2"],
     ],
 )
 def test_cluster_flags_need_replicas(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,6 +32,8 @@ def test_cluster_flags_need_replicas(flags: list[str], capsys: pytest.CaptureFix
         (["--replicas", "0"], "--replicas must be at least 1"),
         (["--replicas", "2", "--replica-cpus", "-1"], "--replica-cpus must be at least 0"),
         (["--replicas", "2", "--max-replicas-per-node", "0"], "--max-replicas-per-node must be"),
+        (["--replicas", "2", "--spill", "0"], "--spill must be at least 1"),
+        (["--replicas", "2", "--routing", "ray", "--spill", "2"], "--spill applies to --routing"),
     ],
 )
 def test_bad_cluster_options_fail_in_one_line(
@@ -57,7 +60,9 @@ def test_help_shows_the_cluster_flags_and_their_defaults(
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for flag in ("--replicas N", "--ray-address ADDR", "--replica-cpus F", "--routing"):
+    flags = ("--replicas N", "--ray-address ADDR", "--replica-cpus F", "--routing", "--spill K")
+    for flag in flags:
         assert flag in text
     assert "to the replica holding the path (default)" in text
     assert "default: start a Ray on this machine" in text
+    assert "so a hot subtree spreads (default: 4)" in text
