@@ -39,6 +39,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server import __version__
+from server.api.errors import APIError
 from server.cluster.bridge import Forward, Frame, header
 from server.cluster.metrics import ClusterMetrics
 from server.cluster.placer import Placer
@@ -65,6 +66,7 @@ class EngineHandle(Protocol):
 class IngressOptions:
     retries: int = 3  # attempts after the first, each on a replica not tried yet when possible
     metrics_timeout_s: float = 3.0  # each replica's /metrics, in the fan-out
+    reach_timeout_s: float = 10.0  # a request pinned to a replica (x-hmem-replica) reaching it
 
 
 def _is_token_event(event: bytes) -> bool:
@@ -111,6 +113,13 @@ class _Attempt:
             if _is_replica_lost(exc):
                 raise ReplicaLostError(str(exc)) from exc
             raise
+
+    async def reach(self) -> None:
+        """Read the first frame, the replica's id: the call has reached its replica."""
+        frame = await self.next_frame()
+        if frame is None or frame[0] != "replica":
+            raise ReplicaLostError("the replica ended the response before naming itself")
+        self.replica = frame[1]
 
     async def open(self) -> None:
         """Read the replica id and the response start, then hold body frames until committed.
@@ -182,6 +191,9 @@ class Ingress:
     async def forward(self, request: Request) -> Response:
         body = await request.body()
         url_path = request.url.path
+        pinned = request.headers.get(REPLICA_HEADER)
+        if pinned is not None:
+            return await self._pinned(request, body, pinned)
         placement = await self.placer.place(url_path, body)
         fwd = Forward(
             method=request.method,
@@ -242,6 +254,27 @@ class Ingress:
             status_code=503,
             headers={"Retry-After": "1"},
         )
+
+    async def _pinned(self, request: Request, body: bytes, rid: str) -> Response:
+        """A request the client sent to one replica by its id (`x-hmem-replica`, as responses
+        name it): there or nowhere, so that e.g. `/v1/memory/cache` can be read per replica."""
+        live = sorted(self.reports())
+        if rid not in live:
+            message = f"no live replica {rid!r} ({REPLICA_HEADER}); live: {live}"
+            return APIError(404, message, code="unknown_replica").response()
+        attempt = self._call(self._targeted(request, body, rid))
+        try:
+            await asyncio.wait_for(attempt.reach(), timeout=self.options.reach_timeout_s)
+            await attempt.open()
+        except (ReplicaLostError, TimeoutError):
+            attempt.cancel()
+            self.metrics.requests.labels(request.url.path, "503").inc()
+            message = f"replica {rid!r} did not answer; try again"
+            return APIError(503, message, code="replica_unavailable").response()
+        except BaseException:
+            attempt.cancel()
+            raise
+        return self._respond(request.url.path, attempt)
 
     def _placed(self, fwd: Forward, attempt: _Attempt) -> None:
         if fwd.route is None or attempt.replica is None:

@@ -232,3 +232,39 @@ async def test_blocklist_changes_reach_every_replica(
     assert refused.status_code == 401
     for replica in engine.replicas.values():
         assert (1, 4) not in replica.runtime.blocklist.entries()
+
+
+async def test_a_request_pinned_to_a_replica_is_served_there_and_nowhere_else(
+    client: httpx.AsyncClient,
+) -> None:
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    level1 = {}
+    for rid, subtree in (("replica-a", 2), ("replica-b", 6), ("replica-b", 7)):
+        body = {"prompt": "A", "max_tokens": 1, "memory": {"path": [subtree, 0]}}
+        r = await client.post("/v1/completions", json=body, headers={REPLICA_HEADER: rid} | auth)
+        assert r.status_code == 200, r.text
+        assert r.headers[REPLICA_HEADER] == rid
+        (node,) = [b["node"] for b in r.json()["memory"]["blocks"] if b["level"] == 1]
+        level1[subtree] = node
+    # Each replica's own cache, read through the ingress: what was sent there, and only that.
+    resident = {}
+    for rid in ("replica-a", "replica-b"):
+        r = await client.get("/v1/memory/cache", headers={REPLICA_HEADER: rid} | auth)
+        assert r.status_code == 200, r.text
+        assert r.headers[REPLICA_HEADER] == rid
+        resident[rid] = set(r.json()["resident"].get("1", []))
+    assert level1[2] in resident["replica-a"]
+    assert not {level1[6], level1[7]} & resident["replica-a"]
+    assert {level1[6], level1[7]} <= resident["replica-b"]
+    assert level1[2] not in resident["replica-b"]
+
+
+async def test_a_request_pinned_to_an_unknown_replica_is_refused_with_the_live_ones(
+    client: httpx.AsyncClient,
+) -> None:
+    r = await client.get("/v1/memory/cache", headers={REPLICA_HEADER: "replica-z"})
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert error["code"] == "unknown_replica"
+    assert "'replica-z'" in error["message"]
+    assert "['replica-a', 'replica-b']" in error["message"]

@@ -63,6 +63,14 @@ def running_replicas() -> int:
     return int(status.replica_states.get("RUNNING", 0))
 
 
+def live_replicas(base: str) -> set[str]:
+    """The engine replicas the ingress routes to now, by their ids (from its /metrics)."""
+    prefix = 'hmem_replica_reporting{replica="'
+    text = httpx.get(f"{base}/metrics", timeout=30).text
+    return {line[len(prefix) :].split('"', 1)[0] for line in text.splitlines()
+            if line.startswith(prefix)}  # fmt: skip
+
+
 def completion(base: str, body: dict[str, Any], timeout: float = 60) -> httpx.Response:
     return httpx.post(f"{base}/v1/completions", json=body, timeout=timeout)
 
@@ -156,6 +164,20 @@ def test_a_client_that_leaves_mid_stream_frees_its_sequence(cluster: str) -> Non
     assert _metric(cluster, cancelled) >= 1
 
 
+def test_a_request_pinned_to_a_replica_is_answered_by_it(cluster: str) -> None:
+    ids = sorted(live_replicas(cluster))
+    assert len(ids) == 2
+    for rid in ids:
+        for _ in range(3):  # Serve's own routing would split these between the two
+            r = httpx.get(f"{cluster}/v1/memory/cache", headers={REPLICA_HEADER: rid}, timeout=30)
+            assert r.status_code == 200, r.text
+            assert r.headers[REPLICA_HEADER] == rid
+            assert set(r.json()) >= {"resident", "hits", "misses"}
+    r = httpx.get(f"{cluster}/v1/memory/cache", headers={REPLICA_HEADER: "nobody"}, timeout=30)
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "unknown_replica"
+
+
 def _sse_events(raw: str) -> list[Any]:
     out = []
     for event in raw.split("\n\n"):
@@ -217,10 +239,16 @@ def test_a_replica_killed_mid_burst_loses_no_request(cluster: str) -> None:
     retried = _metric(cluster, 'hmem_cluster_retries_total{reason="replica_lost"}')
     assert retried > retries_before, "the kill hit no request in flight: the burst ended first"
 
-    # Serve starts a replica in the dead one's place, and it serves.
+    # Serve starts a replica in the dead one's place, and it serves. Until Serve's controller
+    # notices the death the victim still counts as running: wait for it to be replaced.
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and running_replicas() < 2:
+    while time.monotonic() < deadline:
+        live = live_replicas(cluster)
+        if len(live) == 2 and victim not in live and running_replicas() == 2:
+            break
         time.sleep(1)
+    assert victim not in live
+    assert len(live) == 2
     assert running_replicas() == 2
     served = set()
     for child in range(8):
