@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=400, help="measured requests per run")
     p.add_argument("--warmup", type=int, default=200, help="requests before the measured ones")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument(
+        "--spill",
+        type=int,
+        default=4,
+        help="residency routing's spill threshold (hmem serve --spill): requests in flight a "
+        "holder may be beyond the least loaded replica before it is passed over",
+    )
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent over subtrees")
     p.add_argument(
         "--inner-zipf-s",
@@ -113,8 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.workloads) - set(WORKLOADS))
     if unknown:
         p.error(f"--workloads: unknown {unknown}; known: {list(WORKLOADS)}")
-    if args.replicas < 1 or args.rounds < 1 or args.requests < 1 or args.concurrency < 1:
-        p.error("--replicas, --rounds, --requests and --concurrency must be at least 1")
+    counts = (args.replicas, args.rounds, args.requests, args.concurrency, args.spill)
+    if min(counts) < 1:
+        p.error("--replicas, --rounds, --requests, --concurrency and --spill must be at least 1")
     return args
 
 
@@ -201,7 +209,8 @@ def measure_workload(
     runs: list[dict[str, Any]] = []
     samples: dict[str, list[Sample]] = {r: [] for r in ROUTINGS}
     for rnd, routing, order in run_order(args.rounds):
-        with deployed(settings, replicas=args.replicas, routing=routing) as deploy_s:
+        deploy = {"replicas": args.replicas, "routing": routing, "spill": args.spill}
+        with deployed(settings, **deploy) as deploy_s:
             run, got = asyncio.run(one_run(url, w, args, shape))
         runs.append({"routing": routing, "round": rnd, "order": order, "deploy_s": deploy_s} | run)
         samples[routing] += got

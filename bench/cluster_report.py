@@ -170,7 +170,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"working set {ws['blocks']} blocks ({per_level} per level), "
             f"{ws['bytes'] / 1e6:.1f} MB; RAM cache {w['ram_cache'] / 1e6:.1f} MB per replica x "
             f"{result['replicas']} replicas; {w['warmup']} warm-up + {w['measured']} measured "
-            f"requests, {result['args']['concurrency']} in flight",
+            f"requests, {result['args']['concurrency']} in flight, spill "
+            f"{result['args'].get('spill', 4)}",
             "",
             f"| routing | run | RAM hit rate | {level_names} | byte hit rate | TTFT p50 ms "
             "| TTFT p99 ms | req/s | replica shares | subtree affinity | errors |",

@@ -157,7 +157,7 @@ def ray_session(port: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def deployed(settings: Settings, *, replicas: int, routing: str) -> Iterator[float]:
+def deployed(settings: Settings, *, replicas: int, routing: str, spill: int) -> Iterator[float]:
     """The application deployed and healthy (yields the seconds that took); deleted on exit."""
     from ray import serve
 
@@ -165,7 +165,7 @@ def deployed(settings: Settings, *, replicas: int, routing: str) -> Iterator[flo
 
     # Replicas take no Ray CPUs: they all share this machine's cores (torch threads are
     # shared out by build_app: cores // replicas each).
-    options = ClusterOptions(replicas=replicas, routing=routing, replica_cpus=0)  # type: ignore[arg-type]
+    options = ClusterOptions(replicas=replicas, routing=routing, replica_cpus=0, spill=spill)  # type: ignore[arg-type]
     t0 = time.perf_counter()
     serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/")
     try:
