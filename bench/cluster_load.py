@@ -31,6 +31,7 @@ from server.bank.reader import Bank
 from server.bank.router_file import ROUTER_NAME
 from server.cluster.ingress import REPLICA_HEADER
 from server.routing.tree import Router
+from server.routing.tree import node_ids as path_node_ids
 
 TEMPLATE = "{city} is a city in {country}. Tell me about {city}."
 
@@ -110,11 +111,7 @@ def routed_jobs(bank: Bank, prompts: list[str]) -> list[Job]:
 
 def node_ids(path: tuple[int, ...], branching: int) -> list[tuple[int, int]]:
     """(level, node id) of every level of `path`."""
-    out, node = [], 0
-    for level, child in enumerate(path, start=1):
-        node = node * branching + child
-        out.append((level, node))
-    return out
+    return list(enumerate(path_node_ids(path, branching), start=1))
 
 
 def working_set(jobs: list[Job], branching: int) -> set[tuple[int, int]]:

@@ -30,10 +30,10 @@ def _blocks(jobs: Sequence[Job], branching: int) -> list[list[Block]]:
     return [node_ids(job.path, branching) for job in jobs]
 
 
-def ceiling(jobs: Sequence[Job], warmup: int, branching: int) -> float:
+def ceiling(requests: Sequence[list[Block]], warmup: int) -> float:
     seen: set[Block] = set()
     hits = total = 0
-    for i, blocks in enumerate(_blocks(jobs, branching)):
+    for i, blocks in enumerate(requests):
         if i >= warmup:
             total += len(blocks)
             hits += sum(b in seen for b in blocks)
@@ -42,10 +42,9 @@ def ceiling(jobs: Sequence[Job], warmup: int, branching: int) -> float:
 
 
 def lru(
-    jobs: Sequence[Job],
+    requests: Sequence[list[Block]],
     warmup: int,
     *,
-    branching: int,
     block_bytes: dict[int, int],
     replicas: int,
     capacity: int,
@@ -54,7 +53,7 @@ def lru(
     caches: list[OrderedDict[Block, int]] = [OrderedDict() for _ in range(replicas)]
     used = [0] * replicas
     hits = total = 0
-    for i, (r, blocks) in enumerate(zip(assignment, _blocks(jobs, branching), strict=True)):
+    for i, (r, blocks) in enumerate(zip(assignment, requests, strict=True)):
         cache = caches[r]
         for b in blocks:
             hit = b in cache
@@ -87,6 +86,7 @@ def references(
 ) -> dict[str, float]:
     """The ceiling, and LRU replays of random and subtree-home routing (means over `trials`
     draws of the random choices and of the replica ids the homes hash with)."""
+    requests = _blocks(jobs, branching)
     random_rates: list[float] = []
     home_rates: list[float] = []
     for t in range(trials):
@@ -97,10 +97,10 @@ def references(
         at_home = [ids.index(home[job.path[0]]) for job in jobs]
         for rates, assignment in ((random_rates, picks), (home_rates, at_home)):
             rates.append(
-                lru(jobs, warmup, branching=branching, block_bytes=block_bytes,
+                lru(requests, warmup, block_bytes=block_bytes,
                     replicas=replicas, capacity=capacity, assignment=assignment)
             )  # fmt: skip
-    ceil = ceiling(jobs, warmup, branching)
+    ceil = ceiling(requests, warmup)
     rand = float(np.mean(random_rates))
     return {
         "ceiling": ceil,

@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
     """`--replicas N`: the Ray Serve application (server/cluster)."""
-    from server.cluster.command import ClusterError, run_cluster
+    from server.cluster.command import run_cluster
 
     try:
         from server.cluster.app import ClusterOptions
@@ -191,27 +191,23 @@ def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
         ) from None
     if args.spill is not None and args.routing == "ray":
         raise ServeError("--spill applies to --routing residency, not to Ray's own routing")
+    # Flags not given keep `ClusterOptions`' defaults.
+    given = {
+        name: value
+        for name in ("routing", "replica_cpus", "max_replicas_per_node", "spill")
+        if (value := getattr(args, name)) is not None
+    }
     try:
-        options = ClusterOptions(
-            replicas=args.replicas,
-            routing=args.routing or "residency",
-            replica_cpus=args.replica_cpus,
-            max_replicas_per_node=args.max_replicas_per_node,
-            spill=4 if args.spill is None else args.spill,
-            local=args.ray_address is None,
-        )
+        options = ClusterOptions(replicas=args.replicas, local=args.ray_address is None, **given)
     except ValueError as exc:
         name, _, rest = str(exc).partition(" ")  # the option's name first: say it as the flag
         raise ServeError(f"--{name.replace('_', '-')} {rest}") from None
     # The port is checked free here, in milliseconds; Serve's proxy binds it once Ray is up.
     with listen_socket(settings.host, settings.port) as probe:
         port = probe.getsockname()[1]
-    try:
-        return run_cluster(
-            settings, options, address=args.ray_address, port=port, log_level=args.log_level
-        )
-    except ClusterError as exc:
-        raise ServeError(str(exc)) from None
+    return run_cluster(
+        settings, options, address=args.ray_address, port=port, log_level=args.log_level
+    )
 
 
 def _serve(settings: Settings, listener: socket.socket, *, log_level: str) -> int:

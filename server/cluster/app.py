@@ -179,8 +179,10 @@ def build(args: dict[str, str]) -> serve.Application:
     """
     from server.serve import read_settings
 
-    known = {"config", "bank", "replicas", "routing", "replica_cpus", "max_replicas_per_node",
-             "spill"}  # fmt: skip
+    # The options' own values, converted; the rest keep `ClusterOptions`' defaults.
+    convert: dict[str, Any] = {"replicas": int, "routing": str, "replica_cpus": float,
+                               "max_replicas_per_node": int, "spill": int}  # fmt: skip
+    known = {"config", "bank", *convert}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"unknown arguments {unknown}; known: {sorted(known)}")
@@ -194,14 +196,5 @@ def build(args: dict[str, str]) -> serve.Application:
     nodes = []
     if ray.is_initialized():
         nodes = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
-    options = ClusterOptions(
-        local=len(nodes) <= 1,
-        replicas=int(args.get("replicas", 2)),
-        routing=args.get("routing", "residency"),  # type: ignore[arg-type]
-        replica_cpus=float(args["replica_cpus"]) if "replica_cpus" in args else None,
-        max_replicas_per_node=int(args["max_replicas_per_node"])
-        if "max_replicas_per_node" in args
-        else None,
-        spill=int(args.get("spill", 4)),
-    )
-    return build_app(settings, options)
+    given = {name: conv(args[name]) for name, conv in convert.items() if name in args}
+    return build_app(settings, ClusterOptions(local=len(nodes) <= 1, **given))

@@ -21,10 +21,6 @@ from server.settings import Settings
 log = logging.getLogger("hmem.cluster")
 
 
-class ClusterError(Exception):
-    """The cluster cannot start; the message says why and what to change."""
-
-
 def run_cluster(
     settings: Settings,
     options: Any,
@@ -33,17 +29,16 @@ def run_cluster(
     port: int,
     log_level: str,
 ) -> int:
-    """Serve `settings` with `options` (a `ClusterOptions`) until interrupted; the exit status."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise ClusterError(
-            "--replicas needs Ray Serve, which is not installed: pip install 'hmem[cluster]'"
-        ) from None
+    """Serve `settings` with `options` (a `ClusterOptions`) until interrupted; the exit status.
+
+    Ray is imported here, not at the top: `hmem serve` reports a missing Ray in one line first.
+    """
+    import ray
+    from ray import serve
+
     from server.cluster.app import APP_NAME, build_app
 
-    Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line, before Ray
+    bank = Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line, before Ray
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     started_ray = not ray.is_initialized() and address is None
     local: dict[str, Any] = {}
@@ -66,7 +61,7 @@ def run_cluster(
         serve.run(build_app(settings, options), name=APP_NAME, route_prefix="/", blocking=False)
         log.info(
             "serving bank %r on http://%s with %d replicas (Ctrl-C to stop)",
-            Bank.open(bank_dir(settings), check_files=False).manifest.bank_id,
+            bank.manifest.bank_id,
             where,
             options.replicas,
         )

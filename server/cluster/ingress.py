@@ -36,10 +36,10 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from server import __version__
-from server.api.errors import APIError
+from server.api.errors import APIError, error_body
 from server.cluster.bridge import Forward, Frame, header
 from server.cluster.metrics import ClusterMetrics
 from server.cluster.placer import Placer
@@ -241,19 +241,12 @@ class Ingress:
         if overloaded is not None:
             return self._respond(url_path, overloaded)
         self.metrics.requests.labels(url_path, "503").inc()
-        return JSONResponse(
-            {
-                "error": {
-                    "message": f"no engine replica could serve the request after "
-                    f"{self.options.retries + 1} attempts (replicas lost); try again",
-                    "type": "service_unavailable",
-                    "param": None,
-                    "code": "replicas_unavailable",
-                }
-            },
-            status_code=503,
-            headers={"Retry-After": "1"},
+        message = (
+            f"no engine replica could serve the request after {self.options.retries + 1} "
+            "attempts (replicas lost); try again"
         )
+        error = APIError(503, message, code="replicas_unavailable", headers={"Retry-After": "1"})
+        return error.response()
 
     async def _pinned(self, request: Request, body: bytes, rid: str) -> Response:
         """A request the client sent to one replica by its id (`x-hmem-replica`, as responses
@@ -308,15 +301,11 @@ class Ingress:
         except ReplicaLostError as exc:
             self.metrics.lost.inc()
             log.warning("replica %s was lost after tokens were sent: %s", attempt.replica, exc)
-            error = {
-                "error": {
-                    "message": "the engine replica serving this stream was lost; the tokens "
-                    "sent stand, the rest was not generated",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "replica_lost",
-                }
-            }
+            message = (
+                "the engine replica serving this stream was lost; the tokens sent stand, the "
+                "rest was not generated"
+            )
+            error = error_body(500, message, code="replica_lost")
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             attempt.cancel()
@@ -378,18 +367,11 @@ class Ingress:
         missed = [rid for rid, got in answers if got is None]
         got = [a for _, a in answers if a is not None]
         if missed or not got:
-            return JSONResponse(
-                {
-                    "error": {
-                        "message": f"replicas {missed} did not answer; the change reached "
-                        f"{len(got)} of {len(answers)}: send it again",
-                        "type": "service_unavailable",
-                        "param": None,
-                        "code": "replicas_unavailable",
-                    }
-                },
-                status_code=503,
+            message = (
+                f"replicas {missed} did not answer; the change reached {len(got)} of "
+                f"{len(answers)}: send it again"
             )
+            return APIError(503, message, code="replicas_unavailable").response()
         status, content = next((a for a in got if a[0] >= 400), got[0])
         return Response(content, status_code=status, media_type="application/json")
 

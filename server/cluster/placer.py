@@ -29,7 +29,7 @@ from server.bank.reader import Bank
 from server.bank.router_file import ROUTER_NAME
 from server.cluster.bridge import Path, Route
 from server.model.checkpoint import read_config
-from server.routing.tree import Router
+from server.routing.tree import Router, node_ids
 from server.tokenizer import AnchorTokenizer
 
 COMPLETIONS = "/v1/completions"
@@ -76,10 +76,7 @@ class Placer:
         """The (level, node) pairs of `path`'s memory levels; None if it is not a valid path."""
         if len(path) != self.depth or not all(0 <= i < self.branching for i in path):
             return None
-        nodes, node = [], 0
-        for i in path:
-            node = node * self.branching + i
-            nodes.append(node)
+        nodes = node_ids(path, self.branching)
         return tuple((level, nodes[level - 1]) for level in self.memory_levels)
 
     def subtrees(self, route: Route | None) -> int:

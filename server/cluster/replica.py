@@ -14,7 +14,6 @@ bench can drive it directly.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -35,11 +34,10 @@ class EngineReplica:
         self.app = create_app(self.settings)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
-        rt = self.runtime
-        self.bank_id = rt.bank.manifest.bank_id
-        self.fingerprint = rt.bank.fingerprint()
+        bank = self.runtime.bank
+        self.fingerprint = bank.fingerprint()
         self._warned_hints = False
-        log.info("replica %s serving bank %r", self.replica_id, self.bank_id)
+        log.info("replica %s serving bank %r", self.replica_id, bank.manifest.bank_id)
 
     @classmethod
     async def open(cls, settings: dict[str, Any], replica_id: str) -> EngineReplica:
@@ -70,18 +68,11 @@ class EngineReplica:
             yield frame
 
     def record_routing_stats(self) -> dict[str, Any]:
-        """What the request router ranks this replica by: the nodes its RAM cache holds."""
+        """What the request router ranks this replica by (the nodes its RAM cache holds), and
+        its cache's hits and misses for the ingress's per-replica gauges."""
         rt = self.runtime
         stats = rt.store.ram.stats()
-        return {
-            "resident": rt.resolver.residency(),
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "bytes": stats.bytes,
-            "capacity_bytes": stats.capacity_bytes,
-            "fingerprint": self.fingerprint,
-            "pid": os.getpid(),
-        }
+        return {"resident": rt.resolver.residency(), "hits": stats.hits, "misses": stats.misses}
 
     def check_health(self) -> None:
         """Raise when this replica cannot serve: Serve then replaces it."""

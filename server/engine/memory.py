@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from server.engine.blocklist import Blocklist
 from server.model.memory import MemoryBlock
-from server.routing.tree import Router
+from server.routing.tree import Router, node_ids
 from server.settings import KeyPolicy, MemoryMode
 from tiers import Fetched, TieredStore
 from tiers.errors import BlockNotFoundError, CorruptBlockError, FetchTimeoutError
@@ -163,11 +163,7 @@ class MemoryResolver:
 
     def node_ids(self, path: Sequence[int]) -> tuple[int, ...]:
         """Global node ids of a path of child indices (level 1 first)."""
-        nodes, node = [], 0
-        for i in path:
-            node = node * self.branching + i
-            nodes.append(node)
-        return tuple(nodes)
+        return node_ids(path, self.branching)
 
     async def route(self, text: str) -> tuple[tuple[int, ...], tuple[int, ...], list[float]]:
         """(path, node ids, distances) of a text.

@@ -36,6 +36,16 @@ EMBEDDER_PREFIX = "embedder."
 _ROUTE_CHUNK_ELEMENTS = 1 << 22
 
 
+def node_ids(path: Sequence[int], branching: int) -> tuple[int, ...]:
+    """The node id at each level of a path of child indices (level 1 first): the child i of
+    node n is node `n * branching + i` at the next level."""
+    nodes, node = [], 0
+    for i in path:
+        node = node * branching + i
+        nodes.append(node)
+    return tuple(nodes)
+
+
 @dataclass(frozen=True)
 class RouteResult:
     """Where each of N inputs goes: one column per routed level (level 1 first)."""
