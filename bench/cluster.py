@@ -64,13 +64,13 @@ from bench.cluster_setup import (
     BenchBank,
     deployed,
     ensure_bank,
-    free_port,
     ray_session,
     s3_server,
     settings_for,
 )
 from bench.cluster_sim import references
 from bench.common import machine
+from bench.soak_procs import free_port
 from server.bank.reader import Bank
 from server.bank.shapes import BankShape
 

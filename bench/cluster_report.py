@@ -15,13 +15,10 @@ from typing import Any
 import numpy as np
 
 from bench.cluster_load import Sample
+from bench.common import pct
 
 GOAL_HIT_RATIO = 1.5  # residency / ray, at least
 GOAL_P99_RATIO = 1.0  # residency / ray, below
-
-
-def pct(xs: Sequence[float], q: float) -> float:
-    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def short(replica: str | None) -> str:

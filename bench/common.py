@@ -1,4 +1,5 @@
-"""What the bench scripts share: the machine's description and a server in a background thread.
+"""What the bench scripts share: the machine's description, a server in a background thread,
+percentiles.
 
 Imported as `bench.common` after a script has put the repository root first on sys.path.
 """
@@ -15,9 +16,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    """The `q`-th percentile of `xs` (0 to 100, interpolated); NaN when there are none."""
+    return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
 def machine() -> dict[str, Any]:

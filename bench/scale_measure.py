@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from bench.common import pct
 from bench.scale_setup import ADMIN_KEY, TierFiles, path_keys
 from bench.serve_client import compared, interleave, stream
 from server.bank.manifest import BankManifest
@@ -42,10 +43,6 @@ def body(prompt: str, max_tokens: int, **memory: Any) -> dict[str, Any]:
         "ignore_eos": True,
         "memory": memory,
     }
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(xs, q)) if xs else float("nan")
 
 
 def leaf_path(leaf: int, levels: int, branching: int) -> list[int]:
