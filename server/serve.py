@@ -40,6 +40,8 @@ SETTING_FLAGS = (
     "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
     "context_length",
 )  # fmt: skip
+# The --replicas flags that are `ClusterOptions` of the same name (server/cluster/app.py).
+CLUSTER_OPTION_FLAGS = ("routing", "replica_cpus", "max_replicas_per_node", "spill")
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own: its format and level
 
@@ -170,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     }
     settings = read_settings(args.config, **overrides)
     if args.replicas is None:
-        for flag in ("ray_address", "replica_cpus", "max_replicas_per_node", "routing", "spill"):
+        for flag in ("ray_address", *CLUSTER_OPTION_FLAGS):
             if getattr(args, flag) is not None:
                 raise ServeError(f"--{flag.replace('_', '-')} needs --replicas N")
         # Before anything is opened: a taken port fails here in milliseconds, not after the model.
@@ -193,9 +195,7 @@ def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
         raise ServeError("--spill applies to --routing residency, not to Ray's own routing")
     # Flags not given keep `ClusterOptions`' defaults.
     given = {
-        name: value
-        for name in ("routing", "replica_cpus", "max_replicas_per_node", "spill")
-        if (value := getattr(args, name)) is not None
+        name: value for name in CLUSTER_OPTION_FLAGS if (value := getattr(args, name)) is not None
     }
     try:
         options = ClusterOptions(replicas=args.replicas, local=args.ray_address is None, **given)
