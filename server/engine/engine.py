@@ -3,9 +3,10 @@
 Requests wait in a bounded queue; the model thread admits them into free batch slots as soon as
 there are any (prefill, first token), and every step decodes one token for every live sequence
 in one forward pass, however different their memories (a heterogeneous batch: `MemoryBatch`).
-The KV cache has one row per slot; sequence i lives in row i. When a sequence ends (EOS,
-`max_tokens`, the context, or its client cancelled) the last row is moved into its slot, so the
-live rows stay contiguous and each step runs on a view of the first n rows.
+The live sequences are the rows of a `LiveBatch` (`server.engine.batch`): sequence i has row i of
+the KV cache and of the memory batch. When a sequence ends (EOS, `max_tokens`, the context, or
+its client cancelled) a row from the end moves into its slot, cache, memory and all, so the live
+rows stay contiguous and each step runs on a view of the first n rows.
 
 The event loop and the model thread meet in two places only: `submit` appends to the queue under
 a condition variable, and the model thread hands each event to the sequence's asyncio queue with
@@ -17,8 +18,7 @@ No sequence can fail another. Rows of a batch are computed independently, so a s
 logits are not finite (a corrupt memory block) or cannot be sampled is ended alone with an
 `EndEvent("error", message)` (the `Sampler` names its rows); one whose blocks make the batched
 forward raise is found by running the batch's rows alone, once, and is ended alone. A failed
-sequence's cache row is zeroed before the next sequence gets it, since attention multiplies
-even masked values, and 0 * NaN is NaN.
+sequence's cache row is zeroed before the next sequence gets it (`LiveBatch.remove_ended`).
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from server.engine.sampling import Sampler, SamplingParams, make_generator, prompt_logprobs
+from server.engine.batch import LiveBatch
+from server.engine.sampling import Sampler, SamplingParams, prompt_logprobs
 from server.engine.threads import usable_cores
 from server.model.anchor import Anchor, KVCache
 from server.model.memory import MemoryBlock
-from server.model.memory_batch import MemoryBatch, build_memory_batch, compact_rows
 
 log = logging.getLogger(__name__)
 
@@ -157,19 +157,18 @@ class Engine:
         self.max_len = max_len or model.config.max_seq_len
         # The model thread's intra-op threads; None: every core this process may run on.
         self.torch_threads = torch_threads or usable_cores()
-        self.cache = KVCache(
+        self.sampler = Sampler()
+        self._cv = threading.Condition()
+        self._pending: deque[Generation] = deque()
+        # The live sequences; the event loop reads them under _cv, as the batch changes them.
+        self._batch: LiveBatch[Generation] = LiveBatch(
             model.config,
-            batch_size=max_batch,
+            max_batch=max_batch,
             max_len=self.max_len,
             dtype=self.dtype,
             device=self.device,
+            lock=self._cv,
         )
-        self.sampler = Sampler()
-        self._pending: deque[Generation] = deque()
-        self._active: list[Generation] = []
-        self._memory: MemoryBatch | None = None
-        self._memory_dirty = True
-        self._cv = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
         self._steps = 0
@@ -204,12 +203,17 @@ class Engine:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
             # Sequences that have ended but are not retired yet hold no slot for long.
-            queued = len(self._pending) + sum(not g.ended for g in self._active)
+            queued = len(self._pending) + sum(not g.ended for g in self._batch.sequences)
             if queued + len(gens) > self.max_batch + self.max_queue:
                 raise EngineOverloadedError(self.retry_after_s())
             self._pending.extend(gens)
             self._cv.notify()
         return gens
+
+    @property
+    def cache(self) -> KVCache:
+        """The KV cache: one row per batch slot."""
+        return self._batch.cache
 
     @property
     def alive(self) -> bool:
@@ -223,7 +227,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._cv:
             return EngineStats(
-                active=len(self._active),
+                active=len(self._batch),
                 waiting=len(self._pending),
                 max_batch=self.max_batch,
                 max_queue=self.max_queue,
@@ -252,11 +256,11 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cv:
-                    while not self._closing and not self._pending and not self._active:
+                    while not self._closing and not self._pending and not self._batch:
                         self._cv.wait()
                     if self._closing:
                         break
-                    room = self.max_batch - len(self._active)
+                    room = self.max_batch - len(self._batch)
                     admitted = [
                         self._pending.popleft() for _ in range(min(room, len(self._pending)))
                     ]
@@ -264,10 +268,11 @@ class Engine:
                     self._step(admitted)
                 except Exception as exc:  # a bug: fail the live sequences, keep serving
                     log.exception("model step failed")
-                    self._fail_all([*self._active, *admitted], exc)
+                    self._fail_all([*self._batch.sequences, *admitted], exc)
+        leftover = self._batch.clear()
         with self._cv:
-            leftover = [*self._active, *self._pending]
-            self._active, self._pending = [], deque()
+            leftover.extend(self._pending)
+            self._pending = deque()
         for g in leftover:
             self._end(g, "cancelled")
 
@@ -276,20 +281,15 @@ class Engine:
         if admitted:
             self._prefill(admitted)
         self._retire()
-        if self._active:
+        if self._batch:
             self._decode()
         self._retire()
 
     def _fail_all(self, gens: list[Generation], exc: Exception) -> None:
         for g in gens:
             self._end(g, "error", _failure(exc))
-        with self._cv:
-            self._active = []
-        self._drop_memory()
-        # Which rows the failure left NaN in is unknown: none is trusted by its next sequence.
         try:
-            self.cache.k.zero_()
-            self.cache.v.zero_()
+            self._batch.reset()
         except Exception:  # a broken device: the next step will say so to its own sequences
             log.exception("clearing the KV cache failed")
 
@@ -309,48 +309,15 @@ class Engine:
             self._end(g, "cancelled")
         return g.cancelled
 
-    def _drop_memory(self) -> None:
-        """The batch changed: free its memory tensors now, before any new ones are built, so
-        that a batch's memory (max_batch x a path's bytes) is never held twice."""
-        self._memory, self._memory_dirty = None, True
-
-    def _batch_memory(self) -> MemoryBatch | None:
-        if self._memory_dirty:
-            self._memory = None
-            self._memory = build_memory_batch(
-                [g.memory for g in self._active], dtype=self.dtype, device=self.device
-            )
-            self._memory_dirty = False
-        return self._memory
-
     def _prefill(self, new: list[Generation]) -> None:
-        start, k = len(self._active), len(new)
-        T = max(len(g.prompt) for g in new)
-        tokens = torch.zeros(k, T, dtype=torch.long)
-        for i, g in enumerate(new):
-            tokens[i, : len(g.prompt)] = torch.tensor(g.prompt)
-            g.generator = make_generator(g.params.seed, self.device)
-            g.position = len(g.prompt)
-        tokens = tokens.to(self.device)
-        positions = torch.arange(T, device=self.device).expand(k, T)
-        self._drop_memory()
+        start, _ = self._batch.add(new)
+        k = len(new)
+        tokens, positions = self._batch.prompt_inputs(start, start + k)  # [k, T]
 
         def forward(lo: int, hi: int) -> Tensor:
-            memory = build_memory_batch(
-                [g.memory for g in new[lo:hi]], dtype=self.dtype, device=self.device
-            )
-            cache = self.cache.rows(start + lo, start + hi)
-            logits: Tensor = self.model(
-                tokens[lo:hi], positions=positions[lo:hi], cache=cache, memory=memory
-            )  # [hi - lo, T, V]
-            if start == 0 and hi - lo == k:
-                # An idle engine's prefill batch is the whole batch: its memory serves next.
-                self._memory, self._memory_dirty = memory, False
-            return logits
+            return self._forward_rows(tokens[lo:hi], positions[lo:hi], start + lo, start + hi)
 
         logits, errors = self._forward_isolating(k, forward)  # [k, T, V]
-        with self._cv:
-            self._active.extend(new)
         for g, error in zip(new, errors, strict=True):
             if error is not None:
                 self._end(g, "error", error)
@@ -370,35 +337,32 @@ class Engine:
 
     def _decode(self) -> None:
         started = time.perf_counter()
-        live = self._active
-        n = len(live)
-        tokens = torch.tensor([[g.last] for g in live], device=self.device)  # [n, 1]
-        positions = torch.tensor([[g.position] for g in live], device=self.device)  # [n, 1]
+        live = self._batch.sequences
+        tokens, positions = self._batch.decode_inputs()  # [n, 1]
 
         def forward(lo: int, hi: int) -> Tensor:
-            if hi - lo == n:
-                memory = self._batch_memory()
-            else:
-                memory = build_memory_batch(
-                    [g.memory for g in live[lo:hi]], dtype=self.dtype, device=self.device
-                )
-            logits: Tensor = self.model(
-                tokens[lo:hi],
-                positions=positions[lo:hi],
-                cache=self.cache.rows(lo, hi),
-                memory=memory,
-            )  # [hi - lo, 1, V]
-            return logits[:, 0]
+            return self._forward_rows(tokens[lo:hi], positions[lo:hi], lo, hi)[:, 0]
 
-        logits, errors = self._forward_isolating(n, forward)  # [n, V]
+        logits, errors = self._forward_isolating(len(live), forward)  # [n, V]
+        self._batch.advance()
         for g, error in zip(live, errors, strict=True):
-            g.position += 1
             if error is not None:
                 self._end(g, "error", error)
         if logits is not None:
             self._emit(live, logits)
         self._steps += 1
         self._step_s = 0.9 * self._step_s + 0.1 * (time.perf_counter() - started)
+
+    def _forward_rows(self, tokens: Tensor, positions: Tensor, lo: int, hi: int) -> Tensor:
+        """The logits [hi - lo, T, V] of batch rows lo..hi-1 from their tokens and positions
+        [hi - lo, T], on their own cache rows and memory."""
+        logits: Tensor = self.model(
+            tokens,
+            positions=positions,
+            cache=self._batch.cache_rows(lo, hi),
+            memory=self._batch.memory(lo, hi),
+        )
+        return logits
 
     def _forward_isolating(
         self, n: int, forward: Callable[[int, int], Tensor]
@@ -433,7 +397,7 @@ class Engine:
             [torch.full_like(like, math.nan) if r is None else r for r in rows]
         ), errors
 
-    def _emit(self, gens: list[Generation], logits: Tensor) -> None:
+    def _emit(self, gens: Sequence[Generation], logits: Tensor) -> None:
         """Sample each sequence's next token from logits [n, V] and send it."""
         result = self.sampler(logits, [g.params for g in gens], [g.generator for g in gens])
         ids = result.ids.tolist()
@@ -456,40 +420,10 @@ class Engine:
                 self._end(g, "length")
 
     def _retire(self) -> None:
-        """Drop ended and cancelled sequences, moving the last rows into their slots."""
-        live = self._active
-        i = 0
-        changed = False
-        moves: list[tuple[int, int]] = []
-        while i < len(live):
-            g = live[i]
-            if g.cancelled and not g.ended:
-                self._end(g, "cancelled")
-            if not g.ended:
-                i += 1
-                continue
-            if g.failed:
-                self._scrub_row(i)
-            last = len(live) - 1
-            if i != last:
-                self.cache.move_row(last, i, live[last].position)
-                moves.append((last, i))
-                live[i] = live[last]
-            with self._cv:
-                live.pop()
-            changed = True
-        if not changed:
-            return
-        if self._memory is not None and not self._memory_dirty and live:
-            self._memory = compact_rows(self._memory, moves, len(live))  # rows follow the cache
-        else:
-            self._drop_memory()
-
-    def _scrub_row(self, row: int) -> None:
-        """Zero a cache row: whatever sequence gets it next attends over its stale positions."""
-        view = self.cache.rows(row, row + 1)
-        view.k.zero_()
-        view.v.zero_()
+        """Drop ended and cancelled sequences from the batch."""
+        for g in self._batch.sequences:
+            self._end_if_cancelled(g)
+        self._batch.remove_ended()
 
 
 def _failure(exc: Exception) -> str:
