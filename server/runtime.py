@@ -58,6 +58,7 @@ class Runtime:
     blocklist: Blocklist
     engine: Engine
     embedded: bool
+    fingerprint: str  # the bank build's (Bank.fingerprint)
     started_at: float
     executor: ThreadPoolExecutor  # torch work off the event loop, single-threaded (threads.py)
 
@@ -165,6 +166,7 @@ class Runtime:
             blocklist=blocklist,
             engine=engine,
             embedded=embedded,
+            fingerprint=fingerprint,
             started_at=time.time(),
             executor=executor,
         )

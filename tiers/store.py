@@ -34,8 +34,8 @@ from typing import Generic, TypeVar
 
 from tiers.base import Tier
 from tiers.blocks import BlockCodec, BlockDigest, BytesCodec, Fetched, StoredBlock
-from tiers.breaker import CircuitBreaker
-from tiers.cache import BlockCache
+from tiers.breaker import BreakerState, CircuitBreaker
+from tiers.cache import BlockCache, CacheStats
 from tiers.capped import CappedTier
 from tiers.errors import (
     BlockNotFoundError,
@@ -97,12 +97,12 @@ class TieredStore(Generic[V]):
         self.cache_tiers = list(cache_tiers)
         self.read_only = {name for name, t in self.tiers.items() if _declares_read_only(t)}
         self.codec = codec
-        self.ram = ram
+        self._ram = ram
         self.digests = digests
         self.policy = policy or StorePolicy()
         self.metrics = metrics or StoreMetrics()
         self._check_layout()
-        self.breakers = {name: self._breaker(name) for name in self.tiers}
+        self._breakers = {name: self._breaker(name) for name in self.tiers}
         self._cost_s: dict[int, float] = {}  # EWMA of load time per level: the refetch cost
         self._reader = ChainReader(self)
         self._unrepaired: dict[int, set[BlockKey]] = {}
@@ -150,7 +150,7 @@ class TieredStore(Generic[V]):
         if not wanted or wanted[0] < 1:
             raise ConfigError(f"tier {name!r}: give the levels (from 1) it serves, got {wanted}")
         self.tiers[name] = tier
-        self.breakers[name] = self._breaker(name)
+        self._breakers[name] = self._breaker(name)
         if read_only or _declares_read_only(tier):
             self.read_only.add(name)
         for level in wanted:
@@ -181,6 +181,33 @@ class TieredStore(Generic[V]):
         """Blocks, by level, whose last load found corrupt copies and no good one."""
         return {level: set(keys) for level, keys in self._unrepaired.items() if keys}
 
+    def breaker(self, tier: str) -> CircuitBreaker:
+        """The circuit breaker of `tier` (KeyError for a tier the store does not have)."""
+        return self._breakers[tier]
+
+    def breaker_states(self) -> dict[str, BreakerState]:
+        """Every tier's breaker state, by tier name."""
+        return {name: b.state for name, b in self._breakers.items()}
+
+    # -- the RAM cache --------------------------------------------------------------------------
+
+    def cache_stats(self) -> CacheStats:
+        """The RAM cache's bytes, capacity, hits, misses and evictions."""
+        return self._ram.stats()
+
+    def cached_keys(self) -> list[str]:
+        """The block keys the RAM cache holds now (a snapshot: evicting while iterating is safe)."""
+        return list(self._ram.keys())
+
+    def evict(self, key: BlockKey | str) -> bool:
+        """Drop `key` from the RAM cache (a block that must not be served from RAM again, e.g.
+        blocked); whether it was held. Its tier copies are untouched."""
+        return bool(self._ram.discard(str(key)))
+
+    def clear_cache(self) -> None:
+        """Drop every block from the RAM cache (benches: measure cold reads)."""
+        self._ram.clear()
+
     # -- fetching -------------------------------------------------------------------------------
 
     async def get(self, key: BlockKey) -> V:
@@ -206,7 +233,7 @@ class TieredStore(Generic[V]):
             return hit
         try:
             async with asyncio.timeout(deadline):
-                block, cached = await self.ram.get_or_load(
+                block, cached = await self._ram.get_or_load(
                     skey,
                     lambda: self._load(key),
                     level=key.level,
@@ -241,7 +268,7 @@ class TieredStore(Generic[V]):
         """A RAM-cache hit, answered without a deadline scope or a task (the common case).
 
         Only verified loads enter the RAM cache, so a hit needs no digest lookup."""
-        block = self.ram.get(str(key))
+        block = self._ram.get(str(key))
         if block is None:
             return None
         elapsed = time.perf_counter() - started
@@ -369,8 +396,8 @@ class TieredStore(Generic[V]):
             if isinstance(t, CappedTier)
         }
         return StoreSnapshot(
-            cache=self.ram.stats(),
-            breakers={name: b.state for name, b in self.breakers.items()},
+            cache=self._ram.stats(),
+            breakers={name: b.state for name, b in self._breakers.items()},
             capped=capped,
             unrepaired={level: len(keys) for level, keys in self._unrepaired.items()},
         )
@@ -383,5 +410,5 @@ class TieredStore(Generic[V]):
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*list(self._background), return_exceptions=True)
-        await self.ram.aclose()
+        await self._ram.aclose()
         await asyncio.gather(*(t.aclose() for t in self.tiers.values()), return_exceptions=True)

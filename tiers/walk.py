@@ -16,16 +16,17 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-from tiers.base import to_bytes
+from tiers.base import Tier, to_bytes
+from tiers.blocks import BlockCodec, BlockDigest
+from tiers.breaker import CircuitBreaker
 from tiers.errors import CircuitOpenError, IntegrityError, TierError, TierUnavailableError
 from tiers.keys import BlockKey
-
-if TYPE_CHECKING:
-    from tiers.store import TieredStore
+from tiers.metrics import StoreMetrics
+from tiers.policy import StorePolicy
 
 # The store's own logger, as before this module was split out of it: filters on it still apply.
 log = logging.getLogger("tiers.store")
@@ -60,6 +61,22 @@ class Walk:
     hedges: list[_Read] = field(default_factory=list)
 
 
+class ChainSource(Protocol[V]):
+    """What a `ChainReader` reads of its store (`TieredStore` is one): the tiers and their
+    breakers, the chains, the codec and digests that verify a read, the policy and metrics."""
+
+    tiers: dict[str, Tier]
+    cache_tiers: list[str]
+    codec: BlockCodec[V]
+    digests: Mapping[str, BlockDigest] | None
+    policy: StorePolicy
+    metrics: StoreMetrics
+
+    def chain(self, level: int) -> list[str]: ...
+
+    def breaker(self, tier: str) -> CircuitBreaker: ...
+
+
 class ChainReader(Generic[V]):
     """A store's reads down its chains: admission, verified tier reads, deadline misses.
 
@@ -68,7 +85,7 @@ class ChainReader(Generic[V]):
     failures, when each tier last answered, and the walks of the loads in flight.
     """
 
-    def __init__(self, store: TieredStore[V]) -> None:
+    def __init__(self, store: ChainSource[V]) -> None:
         self.store = store
         self._recent_failures: dict[tuple[str, str], float] = {}
         self._walks: dict[str, Walk] = {}  # loads in flight, by block key
@@ -113,7 +130,7 @@ class ChainReader(Generic[V]):
         return tuple(dict.fromkeys(walk.corrupt))
 
     def _record_failure(self, tier: str, why: str) -> None:
-        breaker = self.store.breakers[tier]
+        breaker = self.store.breaker(tier)
         if breaker.record_failure():
             log.warning(
                 "tier %r: circuit breaker opened (%s); reads refused for %.1f s",
@@ -176,7 +193,7 @@ class ChainReader(Generic[V]):
             walk.errors.append(TierUnavailableError(tier, "failed recently; not retried yet"))
             return None
         try:
-            probe = self.store.breakers[tier].before_call()
+            probe = self.store.breaker(tier).before_call()
         except CircuitOpenError as exc:
             self.store.metrics.tier_reads.labels(tier, level, "skipped").inc()
             walk.errors.append(exc)
@@ -186,7 +203,7 @@ class ChainReader(Generic[V]):
     async def _read(self, read: _Read, key: BlockKey, name: str, walk: Walk) -> _Result[V] | None:
         """Read `name` from `read.tier`; None (and `walk` updated) when it cannot serve it."""
         store, tier, skey, level = self.store, read.tier, str(key), str(key.level)
-        reads, breaker = store.metrics.tier_reads, store.breakers[tier]
+        reads, breaker = store.metrics.tier_reads, store.breaker(tier)
         promote = store.policy.promote
         consume = self._consume(
             tier, skey, lambda: promote and bool(walk.passed_over or walk.corrupt)

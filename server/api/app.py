@@ -1,7 +1,8 @@
 """The FastAPI application: `create_app(settings)` registers routers, error handlers, middleware.
 
 The lifespan opens the `Runtime` (bank, tiers, model, engine; warmed up) before the first request
-is accepted and closes it after the last. Routes, one module per feature (`server/api/routes/`):
+is accepted, hands the routes its services (`server.serving.Services`), and closes it after the
+last. Routes, one module per feature (`server/api/routes/`):
 completions, chat, tokenizer (`/tokenize`, `/detokenize`, `/tokenizer_info`), models, health
 (`/health`, `/ready`, `/metrics`) and memory (`/v1/memory/*`). Access: `server.api.access`.
 """
@@ -19,9 +20,9 @@ from server.api.access import Access
 from server.api.errors import install
 from server.api.middleware import BodyLimit, RequestMetrics
 from server.api.routes import chat, completions, health, memory, models, tokenizer
-from server.engine.generation import Generator
-from server.metrics import ServerMetrics
 from server.runtime import Runtime
+from server.serving.metrics import ServerMetrics
+from server.serving.services import Services
 from server.settings import Settings
 
 ROUTERS = (completions.router, chat.router, tokenizer.router, models.router, health.router,
@@ -34,17 +35,16 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = await Runtime.open(settings)
-        app.state.runtime = rt
-        app.state.generator = Generator(rt, metrics)
+        app.state.services = Services.of(rt, metrics)
         try:
             yield
         finally:
-            app.state.runtime = None
+            app.state.services = None
             await rt.close()
 
     app = FastAPI(title="hmem", version=__version__, lifespan=lifespan)
-    metrics = ServerMetrics(lambda: rt.engine.stats() if (rt := app.state.runtime) else None)
-    app.state.runtime = None
+    metrics = ServerMetrics(lambda: s.completions.load() if (s := app.state.services) else None)
+    app.state.services = None
     app.state.metrics = metrics
     app.state.access = Access(settings)
     install(app)

@@ -1,7 +1,7 @@
-"""The routes' dependencies: the runtime, the generator, the caller's policy, admin access.
+"""The routes' dependencies: the serving layer's services, the caller's policy, admin access.
 
 Each is an `Annotated` type a route names in its signature; the bearer scheme is FastAPI's, so
-`/openapi.json` documents it.
+`/openapi.json` documents it. Routes get services, never the `Runtime`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.api.access import Access
 from server.api.errors import APIError
-from server.engine.generation import Generator
-from server.metrics import ServerMetrics
-from server.runtime import Runtime
+from server.serving.completions import CompletionService
+from server.serving.memory import MemoryService
+from server.serving.metrics import ServerMetrics
+from server.serving.services import ModelInfo, Services
 from server.settings import KeyPolicy
 
 _bearer = HTTPBearer(auto_error=False, description="an API key, or the admin key")
@@ -28,16 +29,29 @@ def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return credentials.credentials.strip()
 
 
-def get_runtime(request: Request) -> Runtime:
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    if rt is None:
+def services_of(request: Request) -> Services | None:
+    """The services while the runtime is open; None while starting or stopping."""
+    services: Services | None = getattr(request.app.state, "services", None)
+    return services
+
+
+def get_services(request: Request) -> Services:
+    services = services_of(request)
+    if services is None:
         raise APIError(503, "the server is starting or stopping", code="not_ready")
-    return rt
+    return services
 
 
-def get_generator(request: Request, rt: Annotated[Runtime, Depends(get_runtime)]) -> Generator:
-    generator: Generator = request.app.state.generator
-    return generator
+def get_completions(services: Annotated[Services, Depends(get_services)]) -> CompletionService:
+    return services.completions
+
+
+def get_memory(services: Annotated[Services, Depends(get_services)]) -> MemoryService:
+    return services.memory
+
+
+def get_model(services: Annotated[Services, Depends(get_services)]) -> ModelInfo:
+    return services.model
 
 
 def get_metrics(request: Request) -> ServerMetrics:
@@ -55,8 +69,9 @@ def require_admin(request: Request, credentials: Credentials) -> None:
     access.require_admin(_token(credentials))
 
 
-RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
-GeneratorDep = Annotated[Generator, Depends(get_generator)]
+CompletionsDep = Annotated[CompletionService, Depends(get_completions)]
+MemoryDep = Annotated[MemoryService, Depends(get_memory)]
+ModelDep = Annotated[ModelInfo, Depends(get_model)]
 MetricsDep = Annotated[ServerMetrics, Depends(get_metrics)]
 PolicyDep = Annotated[KeyPolicy | None, Depends(get_policy)]
 AdminDep = Annotated[None, Depends(require_admin)]

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.engine.engine import EngineClosedError, EngineOverloadedError
-from server.engine.generation import RequestError, UnknownModelError
-from server.engine.memory import MemoryForbiddenError, MemoryRequestError
+from server.engine.memory import MemoryForbiddenError
+from server.serving.errors import RequestError, UnknownModelError
 from server.tokenizer import ChatTemplateError
 
 log = logging.getLogger(__name__)
@@ -118,14 +118,13 @@ def _body_message(errors: list[Any]) -> str | None:
 
 def to_api_error(exc: Exception) -> APIError:
     """The HTTP answer to an error of the layers below the API."""
-    if isinstance(exc, UnknownModelError):
-        return APIError(404, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, RequestError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code)
-    if isinstance(exc, MemoryForbiddenError):
-        return APIError(403, str(exc), param=exc.param, code=exc.code)
-    if isinstance(exc, MemoryRequestError):
-        return APIError(400, str(exc), param=exc.param, code=exc.code)
+        status = 400
+        if isinstance(exc, UnknownModelError):
+            status = 404
+        elif isinstance(exc, MemoryForbiddenError):
+            status = 403
+        return APIError(status, str(exc), param=exc.param, code=exc.code)
     if isinstance(exc, ChatTemplateError):
         return APIError(400, str(exc), param="messages", code="chat_template")
     if isinstance(exc, EngineOverloadedError):
@@ -142,7 +141,6 @@ def to_api_error(exc: Exception) -> APIError:
 
 DOMAIN_ERRORS: tuple[type[Exception], ...] = (
     RequestError,
-    MemoryRequestError,
     ChatTemplateError,
     EngineOverloadedError,
     EngineClosedError,

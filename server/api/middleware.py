@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_body
-from server.metrics import ServerMetrics
+from server.serving.metrics import ServerMetrics
 
 MAX_BODY = 4 << 20  # bytes: a request body larger than this is refused (413)
 

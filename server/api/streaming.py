@@ -23,9 +23,9 @@ from pydantic import BaseModel
 
 from server.api.errors import APIError
 from server.api.schemas.common import Usage
-from server.engine.generation import Choice, GenerationJob
-from server.engine.sampling import SamplingParams, TopLogprobs
+from server.engine.sampling import TopLogprobs
 from server.engine.text import Detokenizer, token_strings
+from server.serving.completion import Choice, Completion
 
 T = TypeVar("T")
 
@@ -63,15 +63,7 @@ class Head:
         return {"id": self.id, "created": self.created, "model": self.model}
 
 
-def sampling_params(**fields: Any) -> SamplingParams:
-    """`SamplingParams`, with a value the schema lets through but sampling refuses as a 400."""
-    try:
-        return SamplingParams(**fields)
-    except ValueError as exc:
-        raise APIError(400, str(exc), param=str(exc).split(" ", 1)[0]) from None
-
-
-def usage(job: GenerationJob) -> Usage:
+def usage(job: Completion) -> Usage:
     done = job.completion_tokens
     return Usage(
         prompt_tokens=job.prompt_tokens,
@@ -80,11 +72,10 @@ def usage(job: GenerationJob) -> Usage:
     )
 
 
-def failed_choice(job: GenerationJob) -> APIError | None:
+def failed_choice(job: Completion) -> APIError | None:
     """A non-streaming request whose sequence failed is answered 500 with the reason."""
-    for c in job.choices:
-        if c.finish_reason == "error":
-            return APIError(500, f"generation failed: {c.error}", code="generation_failed")
+    if (c := job.failed()) is not None:
+        return APIError(500, f"generation failed: {c.error}", code="generation_failed")
     return None
 
 
@@ -110,7 +101,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def unless_disconnected(request: Request, job: GenerationJob, work: Awaitable[T]) -> T:
+async def unless_disconnected(request: Request, job: Completion, work: Awaitable[T]) -> T:
     """Await `work`; if the client goes away first, cancel the job's sequences."""
     watcher = asyncio.create_task(_disconnected(request))
     task = asyncio.ensure_future(work)

@@ -21,7 +21,6 @@ from functools import partial
 
 from pydantic import ValidationError
 
-from server.api.routes.chat import route_text
 from server.api.schemas.chat import ChatCompletionRequest
 from server.api.schemas.completions import CompletionRequest
 from server.api.schemas.memory import PathRequest
@@ -30,6 +29,7 @@ from server.bank.router_file import ROUTER_NAME
 from server.cluster.bridge import Path, Route
 from server.model.checkpoint import read_config
 from server.routing.tree import Router, node_ids
+from server.serving.prompts import route_text
 from server.tokenizer import AnchorTokenizer
 
 COMPLETIONS = "/v1/completions"
@@ -111,7 +111,7 @@ class Placer:
                 memory, stream = req.memory.request(), req.stream
             elif url_path == CHAT:
                 chat = ChatCompletionRequest.model_validate_json(body)
-                texts = [route_text(chat.messages)]
+                texts = [route_text(chat.turns())]
                 memory, stream = chat.memory.request(), chat.stream
             else:
                 return Placement()

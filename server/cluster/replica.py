@@ -19,7 +19,7 @@ from typing import Any
 
 from server.api.app import create_app
 from server.cluster.bridge import Forward, Frame, serve_asgi
-from server.runtime import Runtime
+from server.serving.services import Services
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,10 @@ class EngineReplica:
         self.app = create_app(self.settings)
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()
-        bank = self.runtime.bank
-        self.fingerprint = bank.fingerprint()
+        model = self.services.model
+        self.fingerprint = model.fingerprint
         self._warned_hints = False
-        log.info("replica %s serving bank %r", self.replica_id, bank.manifest.bank_id)
+        log.info("replica %s serving bank %r", self.replica_id, model.bank_id)
 
     @classmethod
     async def open(cls, settings: dict[str, Any], replica_id: str) -> EngineReplica:
@@ -47,11 +47,11 @@ class EngineReplica:
         return replica
 
     @property
-    def runtime(self) -> Runtime:
-        rt: Runtime | None = self.app.state.runtime
-        if rt is None:
+    def services(self) -> Services:
+        services: Services | None = self.app.state.services
+        if services is None:
             raise RuntimeError(f"replica {self.replica_id} is closed")
-        return rt
+        return services
 
     async def serve_http(self, fwd: Forward) -> AsyncIterator[Frame]:
         """The response to `fwd`, as frames (`bridge.serve_asgi`)."""
@@ -70,18 +70,16 @@ class EngineReplica:
     def record_routing_stats(self) -> dict[str, Any]:
         """What the request router ranks this replica by (the nodes its RAM cache holds), and
         its cache's hits and misses for the ingress's per-replica gauges."""
-        rt = self.runtime
-        stats = rt.store.ram.stats()
-        return {"resident": rt.resolver.residency(), "hits": stats.hits, "misses": stats.misses}
+        cache = self.services.memory.cache()
+        return {"resident": cache.resident, "hits": cache.hits, "misses": cache.misses}
 
     def check_health(self) -> None:
         """Raise when this replica cannot serve: Serve then replaces it."""
-        rt = self.runtime
-        if not rt.engine.alive:
+        if not self.services.alive:
             raise RuntimeError(f"replica {self.replica_id}: the engine's model thread has died")
 
     async def close(self) -> None:
-        if self.app.state.runtime is not None:
+        if self.app.state.services is not None:
             await self._lifespan.__aexit__(None, None, None)
 
 

@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from server.engine.blocklist import Blocklist
+from server.engine.errors import RequestError
 from server.model.memory import MemoryBlock
 from server.routing.tree import Router, node_ids
 from server.settings import KeyPolicy, MemoryMode
@@ -40,13 +41,11 @@ route_hints: ContextVar[Mapping[str, tuple[int, ...]]] = ContextVar(
 )
 
 
-class MemoryRequestError(ValueError):
+class MemoryRequestError(RequestError):
     """A memory request that cannot be served (a 4xx); `param` names the field."""
 
     def __init__(self, message: str, *, param: str, code: str = "invalid_memory") -> None:
-        super().__init__(message)
-        self.param = param
-        self.code = code
+        super().__init__(message, param=param, code=code)
 
 
 class MemoryForbiddenError(MemoryRequestError):
@@ -286,7 +285,7 @@ class MemoryResolver:
             if got.value is not None and self.blocklist.covers(level, nodes[level - 1]):
                 # Blocked while the fetch was in flight: never applied, not kept in RAM, and
                 # reported as blocked only (not as a block that was served).
-                self.store.ram.discard(str(got.key))
+                self.store.evict(got.key)
                 out.blocked.append(level)
                 self._degrade(out, level, "blocked")
                 continue
@@ -312,7 +311,7 @@ class MemoryResolver:
         keys = [BlockKey(self.bank_id, level, nodes[level - 1]) for level in levels]
         for level, got in zip(levels, await self.store.fetch_many(keys), strict=True):
             if got.value is not None and self.blocklist.covers(level, nodes[level - 1]):
-                self.store.ram.discard(str(got.key))  # blocked while in flight: not kept
+                self.store.evict(got.key)  # blocked while in flight: not kept
                 out.append(Degraded(level, "blocked", "none"))
             elif got.value is None:
                 out.append(Degraded(level, _failure(got.error), "none"))
@@ -323,18 +322,16 @@ class MemoryResolver:
     def evict_blocked(self) -> int:
         """Drop every blocked block from the RAM cache; how many were dropped."""
         dropped = 0
-        held = self.store.ram.keys()  # a snapshot: discarding while iterating is safe
-        for skey in held:
+        for skey in self.store.cached_keys():
             key = BlockKey.parse(skey)
             if key.bank_id == self.bank_id and self.blocklist.covers(key.level, key.node):
-                dropped += bool(self.store.ram.discard(skey))
+                dropped += self.store.evict(key)
         return dropped
 
     def residency(self) -> dict[int, list[int]]:
         """The nodes of each memory level held in the RAM cache."""
         out: dict[int, list[int]] = {level: [] for level in self.levels}
-        held = self.store.ram.keys()
-        for skey in held:
+        for skey in self.store.cached_keys():
             key = BlockKey.parse(skey)
             if key.bank_id == self.bank_id and key.level in out:
                 out[key.level].append(key.node)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from server.engine.errors import RequestError
+
 __all__ = [
     "MAX_LOGPROBS",
     "MAX_STOP",
@@ -64,26 +66,31 @@ class SamplingParams:
     ignore_eos: bool = False  # go on past EOS to max_tokens (benchmarks; vLLM's extension)
 
     def __post_init__(self) -> None:
+        # The one place these rules are checked: the API's schemas only document them.
         if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise _invalid("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+            raise _invalid("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise _invalid("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.seed is not None and not _SEED_MIN <= self.seed <= _SEED_MAX:
-            raise ValueError(f"seed must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}")
+            raise _invalid("seed", f"must be in [{_SEED_MIN}, {_SEED_MAX}], got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
+            raise _invalid("logprobs", f"must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
         # A list from a request body is accepted; the frozen params keep a (hashable) tuple.
         object.__setattr__(self, "stop", tuple(self.stop))
         if len(self.stop) > MAX_STOP:
-            raise ValueError(f"stop takes at most {MAX_STOP} strings, got {len(self.stop)}")
+            raise _invalid("stop", f"takes at most {MAX_STOP} strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must not be empty")
+            raise _invalid("stop", "strings must not be empty")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
+
+
+def _invalid(param: str, rule: str) -> RequestError:
+    return RequestError(f"{param} {rule}", param=param)
 
 
 def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:

@@ -42,8 +42,7 @@ class TextStream:
     def __init__(
         self, tokenizer: Detokenizer, stop: Sequence[str] = (), *, prefix_ids: Sequence[int] = ()
     ) -> None:
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
+        # Stop strings come checked (non-empty, bounded) by `SamplingParams`, their one rule.
         self._tok = tokenizer
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)

@@ -86,18 +86,18 @@ async def test_s3_outage_fetches_meet_deadline_breaker_opens_then_closes(
             fetched = await store.fetch(key)
             assert time.perf_counter() - started < 0.5 + 0.25
             assert fetched.error is not None
-        assert store.breakers["cloud"].state is BreakerState.OPEN
+        assert store.breaker("cloud").state is BreakerState.OPEN
         assert tier_reads(store, "cloud", "skipped") >= 1  # refused by the breaker, not sent
         # The other levels are untouched by the cloud's outage.
         assert (await store.fetch(BlockKey("bank", 2, 1))).ok
 
         own_s3.start()
         await asyncio.sleep(0.6)  # past breaker_reset_s: the next read is the probe
-        assert store.breakers["cloud"].state is BreakerState.HALF_OPEN
+        assert store.breaker("cloud").state is BreakerState.HALF_OPEN
         fetched = await store.fetch(BlockKey("bank", 3, 7))
         assert fetched.ok
         assert fetched.value == BLOCKS[BlockKey("bank", 3, 7)]
-        assert store.breakers["cloud"].state is BreakerState.CLOSED
+        assert store.breaker("cloud").state is BreakerState.CLOSED
     finally:
         await store.aclose()
 
@@ -160,7 +160,7 @@ async def test_corrupt_block_on_disk_is_detected_counted_and_never_returned(
         assert isinstance(fetched.error, FetchFailedError)
         assert isinstance(fetched.error.causes[0], IntegrityError)
         assert tier_reads(store, "disk", "corrupt") == 1
-        assert key not in store.ram  # a corrupt block is never cached either
+        assert key not in store.cached_keys()  # a corrupt block is never cached either
     finally:
         await store.aclose()
 

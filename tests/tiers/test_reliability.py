@@ -67,7 +67,7 @@ def make_store(
 
 
 def breaker(store: TieredStore[bytes], tier: str) -> BreakerState:
-    return store.breakers[tier].state
+    return store.breaker(tier).state
 
 
 def damaged(data: bytes) -> bytes:
@@ -122,7 +122,7 @@ async def test_a_rebuilt_block_is_fetched_under_its_new_name(tmp_path: Path) -> 
         assert fetched.value == rebuilt[key]
         assert fetched.corrupt == ()
         # Both builds' copies live side by side: the old store still serves its own bytes.
-        old.ram.clear()
+        old.clear_cache()
         assert (await old.fetch(key)).value == BLOCKS[key]
     finally:
         await new.aclose()
@@ -162,7 +162,7 @@ async def test_a_corrupt_home_copy_is_reported_served_from_the_replica_and_repai
 
         again = await store.fetch(key)
         assert (again.tier, again.corrupt) == ("ram", ())
-        store.ram.clear()
+        store.clear_cache()
         assert (await store.fetch(key)).tier == "disk"  # read from the repaired home
         assert store.unrepaired() == {}
     finally:
@@ -316,14 +316,14 @@ async def test_a_cancelled_hedged_probe_lets_the_next_read_probe(tmp_path: Path)
     try:
         for key, data in BLOCKS.items():
             await tiers["replica"].put(store.storage_name(key), data)
-        store.breakers["home"].record_failure()  # open, as after an error
+        store.breaker("home").record_failure()  # open, as after an error
         await asyncio.sleep(0.06)
         assert breaker(store, "home") is BreakerState.HALF_OPEN
 
         fetched = await store.fetch(BlockKey("bank", 2, 0))  # its home read is the probe
         assert fetched.tier == "replica"
         assert home.cancelled == 1
-        assert store.breakers["home"].before_call()  # the probe was released, not stuck
+        assert store.breaker("home").before_call()  # the probe was released, not stuck
     finally:
         home.release()
         await store.aclose()

@@ -1,9 +1,7 @@
 """`POST /v1/chat/completions`: OpenAI's chat API over the anchor's chat template, with `memory`.
 
 The conversation is rendered by the anchor's chat template into one prompt (which writes its own
-BOS), and routed on the text of its user turns: the questions carry the rare names memory is
-for, while a system prompt shared by every conversation would pull all of them toward one
-cluster (docs/serving.md).
+BOS), and routed on the text of its user turns (`server.serving.prompts`).
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import GeneratorDep, PolicyDep
+from server.api.deps import CompletionsDep, PolicyDep
 from server.api.schemas.chat import (
     AssistantMessage,
     ChatChoice,
@@ -23,7 +21,6 @@ from server.api.schemas.chat import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatMessage,
     ChoiceLogprobs,
     TokenLogprob,
     TopLogprob,
@@ -36,32 +33,16 @@ from server.api.streaming import (
     Head,
     event_stream,
     failed_choice,
-    sampling_params,
     sse,
     sse_error,
     unless_disconnected,
     usage,
 )
-from server.engine.generation import GenerationJob, Generator, PromptInput, TokenInfo
 from server.engine.text import Detokenizer, token_strings
+from server.serving.completion import Completion, TokenInfo
+from server.serving.completions import Sampling
 
 router = APIRouter(tags=["chat"])
-
-
-def route_text(messages: list[ChatMessage]) -> str:
-    """What a conversation is routed on: its user turns, or everything if it has none."""
-    users = [m.text() for m in messages if m.role == "user"]
-    return "\n".join(users or [m.text() for m in messages])
-
-
-def chat_prompt(
-    gen: Generator, messages: list[ChatMessage], *, add_generation_prompt: bool
-) -> PromptInput:
-    rendered = gen.rt.tokenizer.render_chat(
-        [m.model_dump(exclude_none=True, mode="json") | {"content": m.text()} for m in messages],
-        add_generation_prompt=add_generation_prompt,
-    )
-    return gen.chat_prompt(rendered, route_text=route_text(messages))
 
 
 @router.post(
@@ -73,34 +54,35 @@ def chat_prompt(
     },
 )
 async def create_chat_completion(
-    req: ChatCompletionRequest, request: Request, policy: PolicyDep, gen: GeneratorDep
+    req: ChatCompletionRequest, request: Request, policy: PolicyDep, service: CompletionsDep
 ) -> ChatCompletionResponse | StreamingResponse:
     arrived = time.perf_counter()
-    gen.check_model(req.model)
-    gen.check_counts(prompts=1, n=req.n)
-    prompt = chat_prompt(gen, req.messages, add_generation_prompt=req.add_generation_prompt)
-    asked = req.asked_max_tokens()
-    max_tokens = gen.max_tokens(asked if asked is not None else gen.room(prompt))
-    params = sampling_params(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        stop=stops_of(req.stop),
-        ignore_eos=req.ignore_eos,
-    )
-    job = await gen.start(
-        [prompt], params, n=req.n, memory=req.memory.request(), policy=policy, arrived=arrived
+    job = await service.chat(
+        model=req.model,
+        turns=req.turns(),
+        add_generation_prompt=req.add_generation_prompt,
+        max_tokens=req.asked_max_tokens(),
+        n=req.n,
+        sampling=Sampling(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            stop=stops_of(req.stop),
+            ignore_eos=req.ignore_eos,
+        ),
+        memory=req.memory.request(),
+        policy=policy,
+        arrived=arrived,
     )
     memory = MemoryInfo.of(job.memories[0])
-    head = Head.new("chatcmpl", gen.rt.model_name)
+    head = Head.new("chatcmpl", service.model_name)
     if req.stream:
-        return event_stream(_stream(gen, req, job, head, memory))
-    await unless_disconnected(request, job, gen.run(job))
+        return event_stream(_stream(service.tokenizer, req, job, head, memory))
+    await unless_disconnected(request, job, job.run())
     if (failed := failed_choice(job)) is not None:
         raise failed
-    tok = gen.rt.tokenizer
+    tok = service.tokenizer
     choices = [
         ChatChoice(
             index=c.index,
@@ -149,13 +131,12 @@ def _chunk(
 
 
 async def _stream(
-    gen: Generator,
+    tok: Detokenizer,
     req: ChatCompletionRequest,
-    job: GenerationJob,
+    job: Completion,
     head: Head,
     memory: MemoryInfo,
 ) -> AsyncIterator[str]:
-    tok = gen.rt.tokenizer
     try:
         # Each choice opens with the assistant's role; the first chunk carries the memory object.
         for c in job.choices:
@@ -165,7 +146,7 @@ async def _stream(
                 yield sse(chunk, exclude={"usage"})
             else:
                 yield sse(chunk, exclude={"usage", "memory"})
-        async for d in gen.stream(job):
+        async for d in job.stream():
             c = d.choice
             if d.finished:
                 if c.finish_reason == "error":

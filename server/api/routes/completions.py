@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import GeneratorDep, PolicyDep
+from server.api.deps import CompletionsDep, PolicyDep
 from server.api.schemas.common import MemoryInfo, error_responses
 from server.api.schemas.completions import (
     CompletionChoice,
@@ -24,24 +24,17 @@ from server.api.streaming import (
     Head,
     event_stream,
     failed_choice,
-    sampling_params,
     sse,
     sse_error,
     top_with_sampled,
     unless_disconnected,
     usage,
 )
-from server.engine.generation import Choice, GenerationJob, Generator, PromptInput
-from server.engine.text import token_strings
+from server.engine.text import Detokenizer, token_strings
+from server.serving.completion import Choice, Completion
+from server.serving.completions import CompletionService, Sampling
 
 router = APIRouter(tags=["completions"])
-
-
-def _prompts(gen: Generator, req: CompletionRequest) -> list[PromptInput]:
-    return [
-        gen.text_prompt(p) if isinstance(p, str) else gen.token_prompt(p, index=i)
-        for i, p in enumerate(req.prompts())
-    ]
 
 
 @router.post(
@@ -53,47 +46,47 @@ def _prompts(gen: Generator, req: CompletionRequest) -> list[PromptInput]:
     },
 )
 async def create_completion(
-    req: CompletionRequest, request: Request, policy: PolicyDep, gen: GeneratorDep
+    req: CompletionRequest, request: Request, policy: PolicyDep, service: CompletionsDep
 ) -> CompletionResponse | StreamingResponse:
     arrived = time.perf_counter()
-    gen.check_model(req.model)
-    max_tokens = gen.max_tokens(req.max_tokens)
-    gen.check_counts(prompts=len(req.prompts()), n=req.n)
-    prompts = _prompts(gen, req)
-    params = sampling_params(
-        max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed,
-        logprobs=req.logprobs,
-        echo=req.echo,
-        stop=stops_of(req.stop),
-        ignore_eos=req.ignore_eos,
-    )
-    job = await gen.start(
-        prompts, params, n=req.n, memory=req.memory.request(), policy=policy, arrived=arrived
+    job = await service.complete(
+        model=req.model,
+        prompts=req.prompts(),
+        max_tokens=req.max_tokens,
+        n=req.n,
+        sampling=Sampling(
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            logprobs=req.logprobs,
+            echo=req.echo,
+            stop=stops_of(req.stop),
+            ignore_eos=req.ignore_eos,
+        ),
+        memory=req.memory.request(),
+        policy=policy,
+        arrived=arrived,
     )
     memory = [MemoryInfo.of(m) for m in job.memories]
     memory_field = memory[0] if req.single_prompt() else memory
-    head = Head.new("cmpl", gen.rt.model_name)
+    head = Head.new("cmpl", service.model_name)
     if req.stream:
-        return event_stream(_stream(gen, req, job, head, memory_field))
-    await unless_disconnected(request, job, gen.run(job))
+        return event_stream(_stream(service, req, job, head, memory_field))
+    await unless_disconnected(request, job, job.run())
     if (failed := failed_choice(job)) is not None:
         raise failed
     return CompletionResponse(
         **head.fields(),
-        choices=[_choice(gen, c, req) for c in job.choices],
+        choices=[_choice(service.tokenizer, c, req) for c in job.choices],
         usage=usage(job),
         memory=memory_field,
     )
 
 
-def _choice(gen: Generator, c: Choice, req: CompletionRequest) -> CompletionChoice:
+def _choice(tok: Detokenizer, c: Choice, req: CompletionRequest) -> CompletionChoice:
     prefix = c.prompt.text if req.echo else ""
     logprobs = None
     if req.logprobs is not None:
-        tok = gen.rt.tokenizer
         strings = token_strings(tok, [t.id for t in c.tokens])
         offsets = [len(prefix) + o for o in c.stream.token_offsets()]
         lps: list[float | None] = [t.logprob for t in c.tokens]
@@ -142,9 +135,13 @@ def _chunk(
 
 
 async def _stream(
-    gen: Generator, req: CompletionRequest, job: GenerationJob, head: Head, memory_field: Any
+    service: CompletionService,
+    req: CompletionRequest,
+    job: Completion,
+    head: Head,
+    memory_field: Any,
 ) -> AsyncIterator[str]:
-    tok = gen.rt.tokenizer
+    tok = service.tokenizer
     first = True
 
     def frame(chunk: CompletionResponse) -> str:
@@ -159,7 +156,7 @@ async def _stream(
         if req.echo:
             for c in job.choices:
                 yield frame(_chunk(head, c.index, c.prompt.text))
-        async for d in gen.stream(job):
+        async for d in job.stream():
             c = d.choice
             if d.finished:
                 if c.finish_reason == "error":

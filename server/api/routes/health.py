@@ -12,23 +12,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from server import __version__
-from server.api.deps import MetricsDep
+from server.api.deps import MetricsDep, services_of
 from server.api.schemas.health import EngineLoad, HealthResponse, ReadyResponse, StartingResponse
-from server.runtime import Runtime
 
 router = APIRouter(tags=["operations"])
 
 
-def _corrupt(rt: Runtime | None) -> dict[str, int]:
-    if rt is None:
-        return {}
-    return {str(level): len(keys) for level, keys in sorted(rt.store.unrepaired().items()) if keys}
-
-
 @router.get("/health", response_model=HealthResponse)
 async def health(request: Request) -> HealthResponse:
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    return HealthResponse(version=__version__, corrupt_blocks=_corrupt(rt))
+    services = services_of(request)
+    corrupt = {} if services is None else services.memory.corrupt_blocks()
+    return HealthResponse(version=__version__, corrupt_blocks=corrupt)
 
 
 @router.get(
@@ -43,16 +37,16 @@ async def health(request: Request) -> HealthResponse:
     },
 )
 async def ready(request: Request) -> ReadyResponse | JSONResponse:
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    if rt is None:
+    services = services_of(request)
+    if services is None:
         return JSONResponse(StartingResponse().model_dump(), status_code=503)
-    stats = rt.engine.stats()
-    corrupt = _corrupt(rt)
+    load = services.completions.load()
+    corrupt = services.memory.corrupt_blocks()
     body = ReadyResponse(
         status="degraded" if corrupt else "ready",
-        model=rt.model_name,
-        tiers={name: b.state.name.lower() for name, b in rt.store.breakers.items()},
-        engine=EngineLoad(active=stats.active, waiting=stats.waiting, cancelled=stats.cancelled),
+        model=services.model.name,
+        tiers=services.memory.tier_states(),
+        engine=EngineLoad(active=load.active, waiting=load.waiting, cancelled=load.cancelled),
         corrupt_blocks=corrupt,
     )
     if corrupt:
@@ -66,6 +60,6 @@ async def ready(request: Request) -> ReadyResponse | JSONResponse:
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
 )
 async def prometheus(request: Request, metrics: MetricsDep) -> Response:
-    rt: Runtime | None = getattr(request.app.state, "runtime", None)
-    extra = [rt.store_metrics.registry] if rt is not None else []
+    services = services_of(request)
+    extra = [services.store_metrics] if services is not None else []
     return Response(metrics.render(*extra), media_type="text/plain; version=0.0.4; charset=utf-8")

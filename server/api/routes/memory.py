@@ -7,8 +7,7 @@ import time
 
 from fastapi import APIRouter
 
-from server.api.deps import AdminDep, PolicyDep, RuntimeDep
-from server.api.errors import APIError
+from server.api.deps import AdminDep, MemoryDep, PolicyDep
 from server.api.schemas.common import error_responses
 from server.api.schemas.memory import (
     BlockChangeResponse,
@@ -22,9 +21,7 @@ from server.api.schemas.memory import (
     RouteRequest,
     RouteResponse,
 )
-from server.engine.blocklist import BlocklistError
-from server.engine.memory import BlockReport, MemoryRequestError
-from server.runtime import Runtime
+from server.engine.memory import BlockReport
 
 router = APIRouter(prefix="/v1/memory", tags=["memory"])
 
@@ -32,34 +29,31 @@ _ADMIN_ERRORS = error_responses(400, 401, 403, 503)
 
 
 @router.post("/route", response_model=RouteResponse, responses=error_responses(400, 401, 503))
-async def route(req: RouteRequest, policy: PolicyDep, rt: RuntimeDep) -> RouteResponse:
-    path, nodes, distances = await rt.resolver.route(req.text)
+async def route(req: RouteRequest, policy: PolicyDep, memory: MemoryDep) -> RouteResponse:
+    r = await memory.route(req.text)
     return RouteResponse(
-        path=list(path),
-        node_ids=list(nodes),
-        distances=[round(d, 6) for d in distances],
-        blocked=rt.blocklist.blocked_levels(nodes),
+        path=list(r.path),
+        node_ids=list(r.node_ids),
+        distances=[round(d, 6) for d in r.distances],
+        blocked=r.blocked,
     )
 
 
 @router.get("/cache", response_model=CacheResponse, responses=error_responses(401, 503))
-async def cache(policy: PolicyDep, rt: RuntimeDep) -> CacheResponse:
-    stats = rt.store.ram.stats()
+async def cache(policy: PolicyDep, memory: MemoryDep) -> CacheResponse:
+    view = memory.cache()
     return CacheResponse(
-        resident={str(k): v for k, v in rt.resolver.residency().items()},
-        bytes=stats.bytes,
-        capacity_bytes=stats.capacity_bytes,
-        hits=stats.hits,
-        misses=stats.misses,
+        resident={str(k): v for k, v in view.resident.items()},
+        bytes=view.bytes,
+        capacity_bytes=view.capacity_bytes,
+        hits=view.hits,
+        misses=view.misses,
     )
 
 
 @router.post("/prefetch", response_model=PrefetchResponse, responses=_ADMIN_ERRORS)
-async def prefetch(req: PathRequest, admin: AdminDep, rt: RuntimeDep) -> PrefetchResponse:
-    try:
-        outcome = await rt.resolver.prefetch(req.path)
-    except MemoryRequestError as exc:
-        raise APIError(400, str(exc), param="path", code=exc.code) from None
+async def prefetch(req: PathRequest, admin: AdminDep, memory: MemoryDep) -> PrefetchResponse:
+    outcome = await memory.prefetch(req.path)
     return PrefetchResponse(
         path=req.path,
         levels=[
@@ -74,31 +68,23 @@ async def prefetch(req: PathRequest, admin: AdminDep, rt: RuntimeDep) -> Prefetc
 @router.get(
     "/blocklist", response_model=BlocklistResponse, responses=error_responses(401, 403, 503)
 )
-async def blocklist(admin: AdminDep, rt: RuntimeDep) -> BlocklistResponse:
+async def blocklist(admin: AdminDep, memory: MemoryDep) -> BlocklistResponse:
     return BlocklistResponse(
-        blocked=[BlocklistEntry(level=lv, node=n) for lv, n in rt.blocklist.entries()]
-    )
-
-
-def _change(rt: Runtime, req: ClusterRequest, *, block: bool) -> BlockChangeResponse:
-    try:
-        if block:
-            changed = rt.blocklist.block(req.level, req.node)
-            rt.resolver.evict_blocked()
-        else:
-            changed = rt.blocklist.unblock(req.level, req.node)
-    except BlocklistError as exc:
-        raise APIError(400, str(exc), param="node", code="invalid_cluster") from None
-    return BlockChangeResponse(
-        level=req.level, node=req.node, blocked=block, changed=changed, at=time.time()
+        blocked=[BlocklistEntry(level=lv, node=n) for lv, n in memory.blocked()]
     )
 
 
 @router.post("/block", response_model=BlockChangeResponse, responses=_ADMIN_ERRORS)
-async def block(req: ClusterRequest, admin: AdminDep, rt: RuntimeDep) -> BlockChangeResponse:
-    return _change(rt, req, block=True)
+async def block(req: ClusterRequest, admin: AdminDep, memory: MemoryDep) -> BlockChangeResponse:
+    changed = memory.block(req.level, req.node)
+    return BlockChangeResponse(
+        level=req.level, node=req.node, blocked=True, changed=changed, at=time.time()
+    )
 
 
 @router.post("/unblock", response_model=BlockChangeResponse, responses=_ADMIN_ERRORS)
-async def unblock(req: ClusterRequest, admin: AdminDep, rt: RuntimeDep) -> BlockChangeResponse:
-    return _change(rt, req, block=False)
+async def unblock(req: ClusterRequest, admin: AdminDep, memory: MemoryDep) -> BlockChangeResponse:
+    changed = memory.unblock(req.level, req.node)
+    return BlockChangeResponse(
+        level=req.level, node=req.node, blocked=False, changed=changed, at=time.time()
+    )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.deps import GeneratorDep, PolicyDep
-from server.api.routes.chat import chat_prompt
+from server.api.deps import CompletionsDep, PolicyDep
 from server.api.schemas.common import error_responses
 from server.api.schemas.tokenizer import (
     DetokenizeRequest,
@@ -28,20 +27,25 @@ router = APIRouter(tags=["tokenizer"])
 @router.post(
     "/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 503)
 )
-async def tokenize(req: TokenizeRequest, policy: PolicyDep, gen: GeneratorDep) -> TokenizeResponse:
-    gen.check_model(req.model)
-    tok = gen.rt.tokenizer
+async def tokenize(
+    req: TokenizeRequest, policy: PolicyDep, service: CompletionsDep
+) -> TokenizeResponse:
     if isinstance(req, TokenizeChatRequest):
-        ids = chat_prompt(gen, req.messages, add_generation_prompt=req.add_generation_prompt).ids
-        if req.add_special_tokens and tok.bos_id is not None:
-            ids = [tok.bos_id, *ids]
+        ids = service.tokenize_chat(
+            model=req.model,
+            turns=req.turns(),
+            add_generation_prompt=req.add_generation_prompt,
+            add_special_tokens=req.add_special_tokens,
+        )
     else:
-        ids = tok.encode(req.prompt, add_bos=req.add_special_tokens)
+        ids = service.tokenize(
+            model=req.model, text=req.prompt, add_special_tokens=req.add_special_tokens
+        )
     return TokenizeResponse(
         count=len(ids),
-        max_model_len=gen.rt.context_length,
+        max_model_len=service.context_length,
         tokens=ids,
-        token_strs=token_strings(tok, ids) if req.return_token_strs else None,
+        token_strs=token_strings(service.tokenizer, ids) if req.return_token_strs else None,
     )
 
 
@@ -51,11 +55,9 @@ async def tokenize(req: TokenizeRequest, policy: PolicyDep, gen: GeneratorDep) -
     responses=error_responses(400, 401, 404, 503),
 )
 async def detokenize(
-    req: DetokenizeRequest, policy: PolicyDep, gen: GeneratorDep
+    req: DetokenizeRequest, policy: PolicyDep, service: CompletionsDep
 ) -> DetokenizeResponse:
-    gen.check_model(req.model)
-    gen.check_ids(req.tokens, param="tokens", what="tokens")
-    return DetokenizeResponse(prompt=gen.rt.tokenizer.decode(req.tokens))
+    return DetokenizeResponse(prompt=service.detokenize(model=req.model, ids=req.tokens))
 
 
 @router.get(
@@ -63,13 +65,13 @@ async def detokenize(
     response_model=TokenizerInfoResponse,
     responses=error_responses(401, 503),
 )
-async def tokenizer_info(policy: PolicyDep, gen: GeneratorDep) -> TokenizerInfoResponse:
-    tok = gen.rt.tokenizer
+async def tokenizer_info(policy: PolicyDep, service: CompletionsDep) -> TokenizerInfoResponse:
+    tok = service.tokenizer
     return TokenizerInfoResponse.of(
         tok.config,
         tokenizer_class=tok.config.get("tokenizer_class", "PreTrainedTokenizerFast"),
         bos_token=tok.bos_token,
         eos_token=tok.eos_token,
-        model_max_length=gen.rt.context_length,
+        model_max_length=service.context_length,
         chat_template=tok.chat_template,
     )

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from server.api.schemas.common import STRICT, MemoryField, MemoryInfo, StreamOptions, Usage
-from server.api.schemas.completions import FinishReason, NeutralOnly, Stop, check_stops
+from server.api.schemas.completions import FinishReason, NeutralOnly, Stop
 from server.engine.sampling import MAX_LOGPROBS
 
 
@@ -36,6 +36,11 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+def turns_of(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages as the chat template takes them: each one's content as plain text."""
+    return [m.model_dump(exclude_none=True, mode="json") | {"content": m.text()} for m in messages]
 
 
 class ResponseFormat(BaseModel):
@@ -69,8 +74,6 @@ class ChatCompletionRequest(NeutralOnly):
     ignore_eos: bool = Field(False, description="generate max_tokens even past EOS (vLLM's)")
     memory: MemoryField = Field(default_factory=lambda: MemoryField.model_validate({}))
 
-    _stops = field_validator("stop")(check_stops)
-
     @model_validator(mode="after")
     def _unsupported(self) -> ChatCompletionRequest:
         if self.tools:
@@ -80,6 +83,9 @@ class ChatCompletionRequest(NeutralOnly):
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    def turns(self) -> list[dict[str, Any]]:
+        return turns_of(self.messages)
 
     def asked_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_tokens is None else self.max_tokens

@@ -9,23 +9,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
 from server.api.schemas.common import STRICT, MemoryField, MemoryInfo, StreamOptions, Usage
-from server.engine.generation import ChoiceEnd
 from server.engine.sampling import MAX_LOGPROBS, MAX_STOP
+from server.serving.completion import ChoiceEnd
 
 Prompt = str | list[str] | list[int] | list[list[int]]
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
-
-
-def check_stops(v: Stop) -> Stop:
-    stops = [v] if isinstance(v, str) else v or []
-    if len(stops) > MAX_STOP:
-        raise ValueError(f"at most {MAX_STOP} stop sequences")
-    if any(s == "" for s in stops):
-        raise ValueError("stop sequences must not be empty")
-    return v
+# Documented here, checked once, in `SamplingParams` (a 400 naming `stop`).
+Stop = (
+    str
+    | Annotated[
+        list[str],
+        WithJsonSchema(
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}
+        ),
+    ]
+    | None
+)
 
 
 def stops_of(v: Stop) -> tuple[str, ...]:
@@ -70,8 +71,6 @@ class CompletionRequest(NeutralOnly):
     suffix: str | None = None
     best_of: int | None = None
     memory: MemoryField = Field(default_factory=lambda: MemoryField.model_validate({}))
-
-    _stops = field_validator("stop")(check_stops)
 
     @field_validator("prompt")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.schemas.chat import ChatMessage
+from server.api.schemas.chat import ChatMessage, turns_of
 from server.api.schemas.common import STRICT
 
 
@@ -33,6 +33,9 @@ class TokenizeChatRequest(BaseModel):
         False, description="add a BOS on top of the template's own (the template writes it)"
     )
     return_token_strs: bool = False
+
+    def turns(self) -> list[dict[str, Any]]:
+        return turns_of(self.messages)
 
 
 TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.cli import main
-from server.runtime import Runtime
+from server.serving.services import Services
 from server.settings import Settings, load_settings
 from tiers import ConfigError
 
@@ -21,9 +21,10 @@ from tiers import ConfigError
 def test_a_small_context_sizes_the_cache_and_bounds_requests(demo_settings: Settings) -> None:
     settings = demo_settings.model_copy(update={"context_length": 32})
     with TestClient(create_app(settings)) as client:
-        rt = client.app.state.runtime  # type: ignore[attr-defined]
-        assert isinstance(rt, Runtime)
-        assert rt.engine.cache.k.shape[3] == rt.engine.cache.v.shape[3] == 32  # [L, B, n_kv, S, hd]
+        services = client.app.state.services  # type: ignore[attr-defined]
+        assert isinstance(services, Services)
+        cache = services.completions.engine.cache
+        assert cache.k.shape[3] == cache.v.shape[3] == 32  # [L, B, n_kv, S, hd]
         (card,) = client.get("/v1/models").json()["data"]
         assert card["context_length"] == 32
         assert client.get("/tokenizer_info").json()["model_max_length"] == 32
@@ -46,7 +47,7 @@ def test_a_small_context_sizes_the_cache_and_bounds_requests(demo_settings: Sett
 def test_the_smallest_context_still_warms_up(tmp_path: Path) -> None:
     settings = load_settings(data_dir=tmp_path / "state", context_length=2, warmup=True)
     with TestClient(create_app(settings)) as client:
-        bos = client.app.state.runtime.tokenizer.bos_id  # type: ignore[attr-defined]
+        bos = client.app.state.services.completions.tokenizer.bos_id  # type: ignore[attr-defined]
         assert isinstance(bos, int)
         other = bos + 1
         r = client.post("/v1/completions", json={"prompt": [[other]], "max_tokens": 1})

@@ -182,8 +182,8 @@ async def test_an_explicit_path_is_used_as_given(served: Served) -> None:
     assert (out.path, out.node_ids) == (path, nodes)
     assert [(r.level, r.node) for r in out.reports] == [(1, 3), (2, 13), (3, 54)]
     assert_blocks(out.blocks, bank_blocks(served.bank, nodes, [1, 2, 3]))
-    assert served.store.ram.keys()
-    assert sorted(served.store.ram.keys()) == sorted(
+    assert served.store.cached_keys()
+    assert sorted(served.store.cached_keys()) == sorted(
         f"{BANK_ID}/L{level}/{node}" for level, node in zip((1, 2, 3), nodes, strict=True)
     )
 
@@ -219,7 +219,7 @@ async def test_a_levels_subset_uses_only_those_levels(served: Served) -> None:
     assert [r.level for r in out.reports] == [1, 3]  # level 2: not reported
     assert out.degraded == []  # and not degraded: the request left it out
     assert served.reads(2) == 0
-    assert f"{BANK_ID}/L2/{nodes[1]}" not in served.store.ram
+    assert f"{BANK_ID}/L2/{nodes[1]}" not in served.store.cached_keys()
 
 
 async def test_a_level_the_policy_leaves_out_is_disabled_with_the_generic_fallback(
@@ -256,7 +256,7 @@ async def test_a_blocked_cluster_is_never_read_from_any_tier(served: Served) -> 
     assert_blocks(out.blocks, [generic(served.bank, level) for level in (1, 2, 3)])
     # Not one read of any level on any tier, and nothing of the path in RAM.
     assert [served.reads(level) for level in (1, 2, 3)] == [0.0, 0.0, 0.0]
-    assert served.store.ram.keys() == []
+    assert served.store.cached_keys() == []
     assert out.as_dict()["blocked"] == [1, 2, 3]
 
     # With fallback "none", a blocked path has no memory at all.
@@ -300,7 +300,7 @@ async def test_a_cluster_blocked_while_its_fetch_is_in_flight_is_not_applied_or_
     assert out.blocked == [1, 2, 3]
     assert out.degraded == [Degraded(level, "blocked", "generic") for level in (1, 2, 3)]
     assert_blocks(out.blocks, [generic(served.bank, level) for level in (1, 2, 3)])
-    assert served.store.ram.keys() == []
+    assert served.store.cached_keys() == []
 
 
 async def test_evict_blocked_drops_a_newly_blocked_clusters_blocks_from_ram(

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from server.engine.errors import RequestError
 from server.engine.sampling import (
     MAX_LOGPROBS,
     MAX_STOP,
@@ -220,8 +221,9 @@ def test_stop_is_kept_as_a_tuple() -> None:
     ],
 )
 def test_bad_params_are_refused_naming_the_field(fields: dict[str, Any], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(RequestError, match=field) as err:
         SamplingParams(**{"max_tokens": 8, **fields})
+    assert err.value.param == field
 
 
 # -- limits ---------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import pytest
 from tokenizers import Tokenizer
 
+from server.engine.errors import RequestError
+from server.engine.sampling import SamplingParams
 from server.engine.text import REPLACEMENT, TextStream, token_strings
 from server.training.tokenizer import byte_tokenizer
 
@@ -126,6 +128,8 @@ def test_token_strings_are_each_tokens_own_text(tok: Tokenizer) -> None:
     assert token_strings(tok, ids_of(tok, "é")) == [REPLACEMENT, REPLACEMENT]
 
 
-def test_empty_stop_strings_are_refused(tok: Tokenizer) -> None:
-    with pytest.raises(ValueError, match="stop"):
-        TextStream(tok, stop=["ok", ""])
+def test_empty_stop_strings_are_refused_naming_the_field() -> None:
+    # The rule lives in SamplingParams alone; TextStream takes the stops it let through.
+    with pytest.raises(RequestError, match="stop") as err:
+        SamplingParams(max_tokens=1, stop=("ok", ""))
+    assert err.value.param == "stop"

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the HTTP server and engine, on a registry the app owns.
+"""Prometheus metrics of the HTTP server, the serving layer and the engine, on a registry the app
+owns.
 
 `/metrics` serves these together with the store's (`tiers.StoreMetrics`: reads, bytes, fetch
 times and cache figures per tier and level).
@@ -54,6 +55,8 @@ class ServerMetrics:
             registry=r,
         )
         self.tokens = Counter("hmem_generated_tokens", "Tokens generated", ["memory"], registry=r)
+        # Per-token counters, looked up once rather than by label on every token.
+        self.tokens_by_memory = {m: self.tokens.labels(m) for m in ("on", "off")}
         self.prompt_tokens = Counter("hmem_prompt_tokens", "Prompt tokens processed", registry=r)
         self.degraded = Counter(
             "hmem_memory_degraded",
