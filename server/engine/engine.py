@@ -310,10 +310,12 @@ class Engine:
         return g.cancelled
 
     def _prefill(self, new: list[Generation]) -> None:
-        start, _ = self._batch.add(new)
-        k = len(new)
-        tokens, positions = self._batch.prompt_inputs(start, start + k)  # [k, T]
+        start, stop = self._batch.add(new)
+        k = stop - start
+        tokens, positions = self._batch.prompt_inputs(start, stop)  # [k, T]
 
+        # Rows that join an idle batch are all of it: the memory their prefill builds is kept
+        # for the decode steps (`LiveBatch.memory`).
         def forward(lo: int, hi: int) -> Tensor:
             return self._forward_rows(tokens[lo:hi], positions[lo:hi], start + lo, start + hi)
 
