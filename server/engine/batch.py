@@ -40,7 +40,7 @@ from server.model.memory_batch import MemoryBatch, build_memory_batch, compact_r
 
 
 class Row(Protocol):
-    """What the batch reads and writes of a sequence (the engine's `Generation`)."""
+    """What the batch reads and writes of a sequence (the engine's `EngineSequence`)."""
 
     prompt: list[int]
     params: SamplingParams

@@ -84,7 +84,7 @@ Event = TokenEvent | PromptEvent | EndEvent
 
 
 @dataclass(eq=False)
-class Generation:
+class EngineSequence:
     """One sequence: its prompt, sampling, memory, and the events the model thread sends it."""
 
     prompt: list[int]
@@ -159,9 +159,9 @@ class Engine:
         self.torch_threads = torch_threads or usable_cores()
         self.sampler = Sampler()
         self._cv = threading.Condition()
-        self._pending: deque[Generation] = deque()
+        self._pending: deque[EngineSequence] = deque()
         # The live sequences; the event loop reads them under _cv, as the batch changes them.
-        self._batch: LiveBatch[Generation] = LiveBatch(
+        self._batch: LiveBatch[EngineSequence] = LiveBatch(
             model.config,
             max_batch=max_batch,
             max_len=self.max_len,
@@ -187,7 +187,7 @@ class Engine:
     def submit(
         self,
         requests: Sequence[tuple[list[int], SamplingParams, list[MemoryBlock]]],
-    ) -> list[Generation]:
+    ) -> list[EngineSequence]:
         """Queue sequences, all or none; raises `EngineOverloadedError` when they do not fit."""
         loop = asyncio.get_running_loop()
         for prompt, params, _ in requests:
@@ -198,17 +198,17 @@ class Engine:
                     f"{len(prompt)} prompt tokens plus max_tokens {params.max_tokens} exceed "
                     f"the context length {self.max_len}"
                 )
-        gens = [Generation(list(p), params, list(m), loop) for p, params, m in requests]
+        seqs = [EngineSequence(list(p), params, list(m), loop) for p, params, m in requests]
         with self._cv:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
             # Sequences that have ended but are not retired yet hold no slot for long.
             queued = len(self._pending) + sum(not g.ended for g in self._batch.sequences)
-            if queued + len(gens) > self.max_batch + self.max_queue:
+            if queued + len(seqs) > self.max_batch + self.max_queue:
                 raise EngineOverloadedError(self.retry_after_s())
-            self._pending.extend(gens)
+            self._pending.extend(seqs)
             self._cv.notify()
-        return gens
+        return seqs
 
     @property
     def cache(self) -> KVCache:
@@ -276,7 +276,7 @@ class Engine:
         for g in leftover:
             self._end(g, "cancelled")
 
-    def _step(self, admitted: list[Generation]) -> None:
+    def _step(self, admitted: list[EngineSequence]) -> None:
         admitted = [g for g in admitted if not self._end_if_cancelled(g)]
         if admitted:
             self._prefill(admitted)
@@ -285,15 +285,15 @@ class Engine:
             self._decode()
         self._retire()
 
-    def _fail_all(self, gens: list[Generation], exc: Exception) -> None:
-        for g in gens:
+    def _fail_all(self, seqs: list[EngineSequence], exc: Exception) -> None:
+        for g in seqs:
             self._end(g, "error", _failure(exc))
         try:
             self._batch.reset()
         except Exception:  # a broken device: the next step will say so to its own sequences
             log.exception("clearing the KV cache failed")
 
-    def _end(self, g: Generation, reason: FinishReason, error: str | None = None) -> None:
+    def _end(self, g: EngineSequence, reason: FinishReason, error: str | None = None) -> None:
         if not g.ended:
             g.ended = True
             if reason == "cancelled":
@@ -304,12 +304,12 @@ class Engine:
                 log.warning("a sequence ended with an error: %s", error)
             g._send(EndEvent(reason, error))
 
-    def _end_if_cancelled(self, g: Generation) -> bool:
+    def _end_if_cancelled(self, g: EngineSequence) -> bool:
         if g.cancelled:
             self._end(g, "cancelled")
         return g.cancelled
 
-    def _prefill(self, new: list[Generation]) -> None:
+    def _prefill(self, new: list[EngineSequence]) -> None:
         start, stop = self._batch.add(new)
         k = stop - start
         tokens, positions = self._batch.prompt_inputs(start, stop)  # [k, T]
@@ -399,13 +399,13 @@ class Engine:
             [torch.full_like(like, math.nan) if r is None else r for r in rows]
         ), errors
 
-    def _emit(self, gens: Sequence[Generation], logits: Tensor) -> None:
+    def _emit(self, seqs: Sequence[EngineSequence], logits: Tensor) -> None:
         """Sample each sequence's next token from logits [n, V] and send it."""
-        result = self.sampler(logits, [g.params for g in gens], [g.generator for g in gens])
+        result = self.sampler(logits, [g.params for g in seqs], [g.generator for g in seqs])
         ids = result.ids.tolist()
         lps = result.logprobs.tolist()
         eos = torch.isin(result.ids, self.eos).tolist() if self.eos.numel() else [False] * len(ids)
-        for i, g in enumerate(gens):
+        for i, g in enumerate(seqs):
             if g.ended or g.cancelled:
                 continue
             if result.errors[i] is not None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine.engine import EndEvent, Generation, PromptEvent, TokenEvent
+from server.engine.engine import EndEvent, EngineSequence, PromptEvent, TokenEvent
 from server.engine.memory import ResolvedMemory
 from server.engine.sampling import TopLogprobs
 from server.engine.text import TextStream
@@ -48,7 +48,7 @@ class Delta:
 class Choice:
     index: int
     prompt: PromptInput
-    sequence: Generation  # the engine's sequence
+    sequence: EngineSequence  # the engine's sequence
     stream: TextStream
     tokens: list[TokenInfo] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # where each token's text starts

@@ -11,8 +11,8 @@ import torch
 
 from server.engine.engine import (
     EndEvent,
+    EngineSequence,
     Event,
-    Generation,
     TokenEvent,
 )
 from server.engine.sampling import SamplingParams
@@ -53,7 +53,7 @@ class Run:
     reason: str | None = None
 
 
-async def collect(gen: Generation, stream: AsyncIterator[Event] | None = None) -> Run:
+async def collect(gen: EngineSequence, stream: AsyncIterator[Event] | None = None) -> Run:
     """Every event of `gen` to its end (going on with `stream` when one was started)."""
     run = Run()
     async for event in stream if stream is not None else gen.stream():

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from server.engine.batch import LiveBatch
-from server.engine.engine import Generation
+from server.engine.engine import EngineSequence
 from server.model.anchor import Anchor
 from server.model.memory import FFNBlock, MemoryBlock
 from server.model.memory_batch import FFNMemoryBatch, build_memory_batch
 from tests.server.engine.engine_helpers import CFG, block, greedy, prompt
 
-Batch = LiveBatch[Generation]
+Batch = LiveBatch[EngineSequence]
 
 
 @pytest.fixture
@@ -47,14 +47,14 @@ class Runner:
     def __init__(self, model: Anchor, loop: asyncio.AbstractEventLoop, max_batch: int) -> None:
         self.model, self.loop = model, loop
         self.batch: Batch = LiveBatch(CFG, max_batch=max_batch, max_len=64, dtype=torch.float32)
-        self.tokens: dict[Generation, list[int]] = {}
+        self.tokens: dict[EngineSequence, list[int]] = {}
 
-    def sequence(self, length: int, seed: int, memory: list[MemoryBlock]) -> Generation:
-        g = Generation(prompt(length, seed), greedy(32), memory, self.loop)
+    def sequence(self, length: int, seed: int, memory: list[MemoryBlock]) -> EngineSequence:
+        g = EngineSequence(prompt(length, seed), greedy(32), memory, self.loop)
         self.tokens[g] = list(g.prompt)
         return g
 
-    def prefill(self, seqs: list[Generation]) -> Tensor:
+    def prefill(self, seqs: list[EngineSequence]) -> Tensor:
         """Their last prompt position's logits [k, V]."""
         lo, hi = self.batch.add(seqs)
         tokens, positions = self.batch.prompt_inputs(lo, hi)  # [k, T]
@@ -84,20 +84,20 @@ class Runner:
         self._sample(self.batch.sequences, logits)
         return logits
 
-    def alone(self, g: Generation) -> Tensor:
+    def alone(self, g: EngineSequence) -> Tensor:
         """The logits [V] that `g`'s tokens so far give run alone, without a cache."""
         memory = build_memory_batch([g.memory], dtype=torch.float32)
         tokens = torch.tensor([self.tokens[g][:-1]])  # [1, T]: the last one is not run yet
         out: Tensor = self.model(tokens, memory=memory)[0, -1]
         return out
 
-    def check_alone(self, logits: Tensor, seqs: Sequence[Generation] | None = None) -> None:
+    def check_alone(self, logits: Tensor, seqs: Sequence[EngineSequence] | None = None) -> None:
         """Each row of logits [k, V] is what its sequence (the batch's rows by default) gets
         alone."""
         for g, row in zip(self.batch.sequences if seqs is None else seqs, logits, strict=True):
             torch.testing.assert_close(row, self.alone(g), rtol=1e-4, atol=1e-5)
 
-    def _sample(self, seqs: Sequence[Generation], logits: Tensor) -> None:
+    def _sample(self, seqs: Sequence[EngineSequence], logits: Tensor) -> None:
         for g, row in zip(seqs, logits, strict=True):
             g.last = int(row.argmax())
             self.tokens[g].append(g.last)

@@ -20,8 +20,8 @@ from server.engine.engine import (
     Engine,
     EngineClosedError,
     EngineOverloadedError,
+    EngineSequence,
     Event,
-    Generation,
     PromptEvent,
     TokenEvent,
 )
@@ -77,7 +77,7 @@ async def test_staggered_sequences_decode_exactly_as_each_would_alone(
 
     engine = engines(max_batch=3, max_queue=16)
 
-    def submit(*names: str) -> list[Generation]:
+    def submit(*names: str) -> list[EngineSequence]:
         requests = [(cases[n].prompt, greedy(cases[n].max_tokens), cases[n].memory) for n in names]
         return engine.submit(requests)
 
