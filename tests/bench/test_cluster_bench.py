@@ -1,4 +1,4 @@
-"""Smoke test of bench/cluster.py in quick mode: it generates a tiny bank into LMDB and an on-disk
+"""Smoke test of bench.cluster in quick mode: it generates a tiny bank into LMDB and an on-disk
 S3 server, deploys hmem on a local Ray Serve with two engine replicas, once with residency
 routing and once with Ray's default, sends both workloads to each, and reports both side by
 side. Its outputs must have the right shape and sane values; whether a goal is met is not
@@ -25,7 +25,7 @@ def test_quick_run_reports_both_routings_side_by_side(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "cluster.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.cluster", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=420,

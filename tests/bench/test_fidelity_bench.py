@@ -1,4 +1,4 @@
-"""Smoke test of bench/fidelity.py in quick mode: four tiny builds (FFN, LoRA, KV, half-width FFN)
+"""Smoke test of bench.fidelity in quick mode: four tiny builds (FFN, LoRA, KV, half-width FFN)
 and their evaluations, end to end. The accuracies are not checked (60 + 60 steps learn no facts);
 their shape, range and consistency are: the blocking curve with nothing blocked is the default
 build's memory accuracy, fact by fact, and with everything blocked the anchor's; blocking the
@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from bench.fidelity import parse_args
-from bench.fidelity_builds import TABLES as TABLE_NAMES
-from bench.fidelity_builds import eval_tasks, plan_builds
-from bench.fidelity_report import goals
+from bench.fidelity.builds import TABLES as TABLE_NAMES
+from bench.fidelity.builds import eval_tasks, plan_builds
+from bench.fidelity.main import parse_args
+from bench.fidelity.report import goals
 from server.training.pipeline import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,7 +53,7 @@ def predictions(bank: Path, label: str, mode: str = "memory") -> list[dict[str, 
 
 
 def run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(ROOT / "bench" / "fidelity.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.fidelity", "--quick", "--out", str(out)]
     cmd += flags
     env = os.environ | {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.run(
@@ -88,7 +88,7 @@ def test_quick_run_reports_four_consistent_tables_and_plots(
         assert (out / png).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
         assert f"]({png})" in report
     data = json.loads((out / "fidelity.json").read_text())
-    assert data["command"].startswith("python ")
+    assert data["command"].startswith("python -m bench.fidelity --quick --out ")
     assert "--quick" in data["command"]
     assert data["settings"]["anchor_size"] == "tiny"
     acc = data["accuracy"]

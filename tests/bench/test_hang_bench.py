@@ -1,4 +1,4 @@
-"""Smoke test of bench/hang.py in quick mode: it runs end to end against a SIGSTOPped moto server,
+"""Smoke test of bench.hang in quick mode: it runs end to end against a SIGSTOPped moto server,
 prints the table, writes the JSON, and leaves no S3 process behind. Timings are not checked; only
 outcomes that do not depend on the machine's speed are."""
 
@@ -20,7 +20,7 @@ SCENARIOS = ("healthy", "hung", "hung, no replica")
 @pytest.mark.slow
 def test_quick_run_compares_old_and_new_behaviour_under_a_hung_endpoint(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "hang.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.hang", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=180,

@@ -1,4 +1,4 @@
-"""Smoke test of bench/latency.py in quick mode: real banks through the real store on emulated seed
+"""Smoke test of bench.latency in quick mode: real banks through the real store on emulated seed
 devices and on this machine's tiers, and two servers in-process for time to first token. It
 checks the output's shape (the table's rows and columns, JSON keys and types, the PNGs, the
 scaled profiles file), not its timings."""
@@ -28,14 +28,13 @@ def cells(line: str) -> list[str]:
 def test_quick_run_reports_every_case_stream_and_cache(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = os.environ | {"HMEM_DATA_DIR": str(tmp_path / "state"), "MPLBACKEND": "Agg"}
-    script = str(ROOT / "bench" / "latency.py")
-    cmd = [sys.executable, script, "--quick", "--e2e", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.latency", "--quick", "--e2e", "--out", str(out)]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env, check=False
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "machine:" in proc.stdout
-    assert "command: python" in proc.stdout
+    assert "command: python -m bench.latency --quick --e2e --out " in proc.stdout
 
     lines = proc.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("| case | stream | cache |"))

@@ -1,4 +1,4 @@
-"""Smoke test of bench/routing.py on a small synthetic corpus: one table row per IDF power, with
+"""Smoke test of bench.routing on a small synthetic corpus: one table row per IDF power, with
 counts that add up to the facts of each column. The fractions themselves are not checked."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def test_one_row_per_idf_power_over_every_fact(tmp_path: Path) -> None:
     generate_corpus(seed=0, invented_entities=20, filler_docs=60).write(tmp_path)
     proc = subprocess.run(
         [
-            sys.executable, str(ROOT / "bench" / "routing.py"),
+            sys.executable, "-m", "bench.routing",
             "--corpus", str(tmp_path / "corpus.jsonl"), "--facts", str(tmp_path / "facts.jsonl"),
             "--idf-power", "1", "2", "--branching", "4",
         ],

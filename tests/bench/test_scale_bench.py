@@ -1,4 +1,4 @@
-"""Smoke test of bench/scale.py in quick mode: it generates the small shape into LMDB, a directory
+"""Smoke test of bench.scale in quick mode: it generates the small shape into LMDB, a directory
 and an on-disk S3 server, serves it with `hmem serve` in its own process, runs every case, and
 its outputs have the right shape. Timings are not checked; the quick shape is too small for its
 ratios to mean anything (docs/results.md has the paper-scale run)."""
@@ -29,7 +29,7 @@ def test_quick_run_reports_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = os.environ | {"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "scale.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.scale", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

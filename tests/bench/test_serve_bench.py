@@ -1,4 +1,4 @@
-"""Smoke test of bench/serve.py in quick mode: it starts the real server, runs every case end to
+"""Smoke test of bench.serve in quick mode: it starts the real server, runs every case end to
 end, and its output has the right shape (the table's rows and columns, JSON keys and types, the
 PNG). Timings are not checked."""
 
@@ -21,7 +21,7 @@ def test_quick_run_reports_every_case(tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = os.environ | {"HMEM_DATA_DIR": str(tmp_path / "state"), "MPLBACKEND": "Agg"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "serve.py"), "--quick", "--out", str(out)],
+        [sys.executable, "-m", "bench.serve", "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=240,

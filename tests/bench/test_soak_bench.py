@@ -1,4 +1,4 @@
-"""Smoke test of bench/soak.py in quick mode: the real server in its own process, real tiers (LMDB,
+"""Smoke test of bench.soak in quick mode: the real server in its own process, real tiers (LMDB,
 disk, moto's S3 server in its own process), about 25 s of mixed load and one fault of each kind.
 It checks the report's shape (the tables, the JSON), and what must hold whatever the timings:
 no 5xx, no clean answer that differs from its prompt's baseline, malformed requests answered
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.soak_faults import Fault
-from bench.soak_load import Outcome
-from bench.soak_report import by_window
+from bench.soak.faults import Fault
+from bench.soak.load import Outcome
+from bench.soak.report import by_window
 
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = ["completion", "completion_stream", "chat", "chat_stream", "disconnect", "malformed"]
@@ -31,7 +31,7 @@ def cells(line: str) -> list[str]:
 @pytest.mark.slow
 def test_quick_soak_sees_no_5xx_no_corrupt_answer_and_repairs_every_copy(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "bench" / "soak.py"), "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench.soak", "--quick", "--out", str(out)]
     env = os.environ | {"HMEM_DATA_DIR": str(tmp_path / "state")}
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=240, cwd=ROOT, env=env, check=False

@@ -1,4 +1,4 @@
-"""Smoke test of bench/tiers.py in quick mode: it runs end to end and its output has the right
+"""Smoke test of bench.tiers in quick mode: it runs end to end and its output has the right
 shape (every tier, size and variant; JSON and PNG written). Timings are not checked."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_quick_run_reports_every_tier_size_and_variant(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "tiers.py"), "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.tiers", "--quick", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=240,

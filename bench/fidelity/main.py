@@ -1,0 +1,381 @@
+"""Fidelity: the paper's findings on long-tail facts, reproduced at small scale by real builds.
+
+Each finding is a markdown table in report.md, a PNG beside it, and numbers in fidelity.json:
+
+1. Accuracy by frequency bucket with the routed memory, the anchor alone and the generic memory,
+   from one build with `BuildSettings`' defaults (paper §7: rarest bucket 17% -> 83%, 1.4B).
+2. FFN- vs LoRA- vs KV-memories at equal fetched parameters per path (§2.4: FFN wins at every
+   size): the default FFN widths, and per level the LoRA rank and the KV pair count whose block
+   has the parameter count nearest the FFN block's (counted from `MemoryParams`, as `hmem build`
+   counts its fetch).
+3. Accuracy against memory size: the default FFN widths scaled (`--scales`), x = parameters
+   fetched per path as % of the anchor, with the anchor alone beside it (§4, §9).
+4. Blocking (§6: blocking the best-matching 1/16 of the bank dropped accuracy 70% -> 20%): on
+   the default build, every fact has its j best-matching level-1 subtrees blocked
+   (`level1_ranking`), j = 0..branching, and as the control j random ones (seeded); the fact is
+   routed through the nearest unblocked subtree (`evaluate(..., blocked=...)`).
+
+Whether the paper's ordering holds here (FFN > LoRA > KV, more memory better, best-first blocking
+worse than random, memory beats the anchor on the rarest bucket) is computed from the numbers.
+
+Every build takes `BuildSettings`' defaults but for what a table varies (memory type, widths)
+and what the flags set (--quick: a tiny corpus, the tiny anchor, 60 + 60 steps, 2 levels of 4).
+Builds are independent `build_bank` runs in worker processes (`--jobs`, one torch thread each),
+each in its own directory under `--work` (default OUT/work) named by its settings' fingerprint:
+a directory that already holds a bank is reused, so a run stopped midway continues where it was
+(a half-done build resumes from its checkpoints). Evaluations run in the same pool as builds
+finish; each writes its predictions beside its bank (`eval-<label>.json`).
+
+    python -m bench.fidelity [--source synthetic|geonames | --corpus DIR] [--quick]
+                             [--jobs N] [--scales 0.5,1,2] [--out bench/out/fidelity]
+                             [--only buckets,types,sizes,blocking]
+
+--only runs a subset of the tables: only the builds and evaluations they need (the default build
+always: tables 2 and 3 compare with it), and writes report.md, fidelity.json and the PNGs of just
+those; the ordering checks cover only what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common.machine import command_line, machine
+from bench.fidelity.builds import (
+    TABLES,
+    Plan,
+    eval_tasks,
+    one_thread,
+    plan_builds,
+    run_build,
+    run_eval,
+)
+from bench.fidelity.markdown import report_markdown
+from bench.fidelity.plots import PNGS, write_plots
+from bench.fidelity.report import summarise
+from server.training.commands import DefaultsHelpFormatter
+from server.training.facts import FACTS_FILE, Fact
+from server.training.pipeline import ANCHOR_SIZES, BuildSettings
+from server.training.queries import load_queries
+from server.training.realdata import geonames_corpus
+from server.training.synth import CORPUS_FILE, PHRASINGS, SynthCorpus, generate_corpus
+from server.training.threads import usable_cores
+
+DEFAULTS = BuildSettings(corpus=Path(), out=Path())
+SCALES = (0.5, 1.0, 2.0)
+# --quick: a tiny corpus and build, so that the whole bench runs in about a minute on one core.
+QUICK_SCALES = (0.5, 1.0)
+QUICK = {"levels": 2, "branching": 4, "anchor_size": "tiny", "pretrain_steps": 60, "steps": 60}
+QUICK_CORPUS = {"entities": 20, "filler_docs": 40}  # entities: also the top mention count
+
+
+# -- the corpus ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Corpus:
+    corpus: Path  # corpus.jsonl
+    facts: Path  # facts.jsonl, or a plain query file
+    description: dict[str, Any]
+
+
+def prepare_corpus(args: argparse.Namespace, work: Path) -> Corpus:
+    """--corpus DIR as it is, or the --source corpus written under `work` (a seed: its bytes)."""
+    if args.corpus is not None:
+        corpus, facts = args.corpus / CORPUS_FILE, args.corpus / FACTS_FILE
+        for path in (corpus, facts):
+            if not path.is_file():
+                raise SystemExit(f"--corpus {args.corpus}: no {path.name} there")
+        return Corpus(corpus, facts, {"source": f"directory {args.corpus}"})
+    synth: SynthCorpus
+    seed, phrasing, n = args.seed, args.phrasing, QUICK_CORPUS["entities"]
+    if args.source == "geonames" and args.quick:
+        synth = geonames_corpus(
+            seed=seed,
+            phrasing=phrasing,
+            families=("city",),
+            cities=n,
+            max_mentions=n,
+            filler_docs=QUICK_CORPUS["filler_docs"],
+        )
+    elif args.source == "geonames":
+        synth = geonames_corpus(seed=seed, phrasing=phrasing)
+    elif args.quick:
+        synth = generate_corpus(
+            seed=seed,
+            phrasing=phrasing,
+            families=("island",),
+            invented_entities=n,
+            max_mentions=n,
+            filler_docs=QUICK_CORPUS["filler_docs"],
+        )
+    else:
+        synth = generate_corpus(seed=seed, phrasing=phrasing)
+    out = work / f"corpus-{args.source}-{args.phrasing}-{args.seed}{'-quick' * args.quick}"
+    synth.write(out)
+    settings = {k: v for k, v in synth.settings.items() if k != "source"}
+    return Corpus(out / CORPUS_FILE, out / FACTS_FILE, {"source": args.source} | settings)
+
+
+def describe_corpus(corpus: Corpus, facts: Sequence[Fact]) -> dict[str, Any]:
+    with corpus.corpus.open("rb") as f:
+        documents = sum(1 for line in f if line.strip())
+    families = {
+        fam: sum(f.family == fam for f in facts) for fam in dict.fromkeys(f.family for f in facts)
+    }
+    return corpus.description | {
+        "corpus": str(corpus.corpus),
+        "facts_file": str(corpus.facts),
+        "documents": documents,
+        "facts": len(facts),
+        "families": families,
+        "buckets": sorted({f.bucket for f in facts}),
+    }
+
+
+# -- the builds ---------------------------------------------------------------------------------
+
+
+def _given(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def base_settings(args: argparse.Namespace, corpus: Corpus) -> BuildSettings:
+    """The default build: `BuildSettings`' defaults but for what the flags (or --quick) set; one
+    torch thread (builds run side by side), no progress bars. Widths: the default ones at the
+    default depth, `BuildSettings.default_widths(levels)` at another (as `hmem build` does)."""
+    levels = args.levels or DEFAULTS.levels
+    widths = DEFAULTS.widths if levels == DEFAULTS.levels else BuildSettings.default_widths(levels)
+    return dataclasses.replace(
+        DEFAULTS,
+        corpus=corpus.corpus,
+        levels=levels,
+        widths=widths,
+        branching=args.branching or DEFAULTS.branching,
+        anchor_size=args.anchor_size or DEFAULTS.anchor_size,
+        pretrain_steps=_given(args.pretrain_steps, DEFAULTS.pretrain_steps),
+        memory_steps=_given(args.steps, DEFAULTS.memory_steps),
+        seed=args.seed,
+        device=args.device,
+        threads=1,
+        progress=False,
+    )
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+def run_all(
+    plans: dict[str, Plan], corpus: Corpus, rare: tuple[int, ...], args: argparse.Namespace
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+    """Every build, then its evaluations as it finishes, on `args.jobs` worker processes."""
+    built: dict[str, dict[str, Any]] = {}
+    evals: dict[tuple[str, str], dict[str, Any]] = {}
+    pending: dict[Future[dict[str, Any]], tuple[str, str]] = {}
+    left: dict[str, int] = {}  # evaluations not yet done, per build
+    pool = ProcessPoolExecutor(
+        max_workers=args.jobs,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=one_thread,
+    )
+    try:
+        for name, plan in plans.items():
+            pending[pool.submit(run_build, plan.settings)] = (name, "")
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                name, label = pending.pop(future)
+                try:
+                    result = future.result()
+                except Exception as exc:
+                    what = f"evaluation {label} of {name}" if label else f"build {name}"
+                    print(f"{what} failed: {type(exc).__name__}: {exc}", flush=True)
+                    raise
+                if label:
+                    evals[(name, label)] = result
+                    left[name] -= 1
+                    if not left[name]:
+                        asked = [r for (n, _), r in evals.items() if n == name]
+                        seconds = sum(r["wall_s"] for r in asked)
+                        print(f"      {name}: {len(asked)} evaluation(s) in {seconds:.0f} s")
+                    continue
+                built[name] = result
+                plan = plans[name]
+                how = (
+                    f"reused ({plan.settings.out})"
+                    if result["reused"]
+                    else f"built in {result['seconds']:.0f} s"
+                )
+                print(
+                    f"[{len(built)}/{len(plans)}] {name} ({plan.memory_type.value}, widths "
+                    f"{','.join(map(str, plan.widths))}): {how}",
+                    flush=True,
+                )
+                tasks = eval_tasks(plan, corpus.facts, rare, args.seed, args.only)
+                left[name] = len(tasks)
+                for task in tasks:
+                    pending[pool.submit(run_eval, task)] = (name, task.label)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return built, evals
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected numbers > 0, got {text!r}")
+    return values
+
+
+def _tables(text: str) -> tuple[str, ...]:
+    """--only: a comma list of table names, in report order."""
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in TABLES]
+    if unknown or not names:
+        what = f"unknown table(s) {', '.join(map(repr, unknown))}" if unknown else "no table"
+        raise argparse.ArgumentTypeError(f"{what}: expected a comma list of {', '.join(TABLES)}")
+    return tuple(t for t in TABLES if t in names)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="python -m bench.fidelity",
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=DefaultsHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("bench/out/fidelity"), help="report directory")
+    p.add_argument("--work", type=Path, help="build directories (default: OUT/work)")
+    p.add_argument(
+        "--source",
+        choices=["synthetic", "geonames"],
+        default="synthetic",
+        help="the corpus generated (hmem synth --source)",
+    )
+    p.add_argument(
+        "--phrasing",
+        choices=list(PHRASINGS),
+        default="paraphrase",
+        help="how the generated corpus states its facts",
+    )
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        help="a directory with corpus.jsonl and facts.jsonl, instead of --source",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny corpus, tiny anchor, 60+60 steps, 2 levels of 4, scales 0.5,1 (a smoke test)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=usable_cores(),
+        help="worker processes (builds and evaluations, one torch thread each)",
+    )
+    p.add_argument(
+        "--only",
+        type=_tables,
+        default=TABLES,
+        metavar="TABLES",
+        help=f"the tables to produce, a comma list of {', '.join(TABLES)} (default: all four); "
+        "only their builds and evaluations run (the default build always)",
+    )
+    p.add_argument(
+        "--scales",
+        type=_floats,
+        help=f"FFN width scales of the size sweep "
+        f"(default: {','.join(map(str, SCALES))}; --quick: "
+        f"{','.join(map(str, QUICK_SCALES))}); 1 is always built",
+    )
+    for flag, default, what in (
+        ("levels", d.levels, "cluster tree depth"),
+        ("branching", d.branching, "children per cluster"),
+        ("anchor-size", d.anchor_size, "anchor trained from scratch"),
+        ("pretrain-steps", d.pretrain_steps, "anchor pretraining steps"),
+        ("steps", d.memory_steps, "memory training steps"),
+    ):
+        key = flag.replace("-", "_")
+        p.add_argument(
+            f"--{flag}",
+            type=str if key == "anchor_size" else int,
+            choices=list(ANCHOR_SIZES) if key == "anchor_size" else None,
+            help=f"{what} (default: BuildSettings' {default}; --quick: {QUICK[key]})",
+        )
+    p.add_argument("--seed", type=int, default=d.seed, help="builds, corpus and random blocking")
+    p.add_argument("--device", default=d.device, help="builds and evaluations (cpu, cuda)")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+    args.scales = args.scales or (QUICK_SCALES if args.quick else SCALES)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    info = machine()
+    command = command_line()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
+    print(f"command: {command}", flush=True)
+    started = time.perf_counter()
+    work = args.work or args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = prepare_corpus(args, work)
+    facts = load_queries(corpus.facts)
+    buckets = sorted({f.bucket for f in facts})
+    rare = tuple(buckets[-2:])
+    plans = plan_builds(base_settings(args, corpus), args.scales, work, args.only)
+    described = describe_corpus(corpus, facts)
+    print(
+        f"corpus: {described['documents']} documents, {len(facts)} facts, buckets "
+        f"{','.join(map(str, buckets))}; tables {','.join(args.only)}: {len(plans)} builds on "
+        f"{args.jobs} worker(s) in {work}",
+        flush=True,
+    )
+    built, evals = run_all(plans, corpus, rare, args)
+    elapsed = time.perf_counter() - started
+    results = summarise(plans, built, evals, facts, rare, args.only)
+    settings = plans["ffn"].settings
+    header = {
+        "command": command,
+        "machine": info,
+        "corpus": described,
+        "settings": {
+            k: str(v)
+            for k, v in dataclasses.asdict(settings).items()
+            if k not in ("corpus", "out", "progress", "overwrite", "bank_id")
+        },
+        "work": str(work),
+        "elapsed_s": elapsed,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = header | results
+    (args.out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    for table in TABLES:  # a figure left by an earlier run of another table: not this run's
+        if table not in args.only:
+            (args.out / PNGS[table]).unlink(missing_ok=True)
+    pngs = write_plots(report, args.out)
+    text = report_markdown(report, {t: p.name for t, p in pngs.items()})
+    (args.out / "report.md").write_text(text)
+    print(f"\n{text}")
+    print(f"wrote {args.out / 'report.md'}, fidelity.json and {len(pngs)} PNG(s) ({elapsed:.0f} s)")
