@@ -9,7 +9,7 @@ count of each replica's requests in flight. Serve then sends the request to the 
 replica of the first rank that has room (`max_ongoing_requests`), else of the next rank.
 
 `RayDefaultRouter` is Ray Serve's power of two choices, unchanged for every routed request: the
-baseline `bench/cluster.py` measures residency routing against.
+baseline `python -m bench.cluster` measures residency routing against.
 
 Both honour `Forward.target` (one replica and no other: the ingress's metrics fan-out and
 broadcasts) and `Forward.avoid` (replicas that already failed this request), and register

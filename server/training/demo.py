@@ -17,7 +17,7 @@ from server.training.synth import generate_corpus
 
 # The corpus: 118 elements + 2 x 300 invented entities, Zipf mentions, 800 filler documents,
 # every fact stated in the words it is asked in: the corpus the shipped demo bank was built from
-# (`server/demo_bank`). Facts in paraphrase are `hmem synth`'s default and `bench/fidelity.py`'s.
+# (`server/demo_bank`). Facts in paraphrase are `hmem synth`'s default and the fidelity bench's.
 DEMO_CORPUS = {"seed": 0, "invented_entities": 300, "filler_docs": 800, "phrasing": "query"}
 # The build: a tiny anchor (115k parameters) that cannot hold every rare fact, pretrained, then
 # frozen while memories of 27% of it on 8 x 64 clusters learn, routed on squared-IDF hashed
