@@ -10,17 +10,16 @@ the configured storage hierarchy and reports, per tier, whether it answers and w
 `main` is the one place where failures meet the user: an error the user can fix (bad input, a
 missing or unreadable file, a taken port) is printed as one line, `hmem: error: ...`, with exit
 status 2, and Ctrl-C as `hmem: interrupted`, with 130. This module imports nothing heavy at the
-top, so that even a Ctrl-C while torch is still loading ends in that one line.
+top, so that even a Ctrl-C while torch is still loading ends in that one line; the command
+modules are imported while the parser is built, inside `main`'s handling.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from server import __version__
 
@@ -58,46 +57,10 @@ def describe(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def _profiles(args: argparse.Namespace) -> int:
-    from tiers import load_profiles
-
-    profiles = load_profiles(args.profiles)
-    print(f"{'profile':<20} {'latency':>10} {'bandwidth':>12}  source")
-    for p in profiles.values():
-        bw = f"{p.bandwidth_bytes_s / 1e6:,.0f} MB/s"
-        print(f"{p.name:<20} {p.latency_s * 1e3:>7.2f} ms {bw:>12}  {p.source}")
-    return 0
-
-
-async def _check_store(config_file: Path | None) -> int:
-    from server.serve import read_settings
-    from tiers import BytesCodec, ConfigError, TierError, build_store
-
-    settings = read_settings(config_file)
-    if settings.store is None:
-        raise ConfigError(
-            "no store configured: set [store] in the settings file or HMEM_STORE__* variables"
-        )
-    store = await build_store(settings.store, codec=BytesCodec(), digests=None)
-    failed = 0
-    try:
-        for name, tier in store.tiers.items():
-            try:
-                listing = await asyncio.wait_for(tier.scan(), timeout=store.policy.deadline_s * 5)
-            except (TierError, TimeoutError) as exc:
-                failed += 1
-                print(f"{name:<12} DOWN  {exc}")
-                continue
-            total = sum(size for _, size in listing)
-            print(f"{name:<12} ok    {len(listing)} blocks, {total / 2**20:,.1f} MiB")
-    finally:
-        await store.aclose()
-    return 1 if failed else 0
-
-
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `hmem` parser; the training commands in full only when `command` is one of them."""
     from server.bank.commands import register as register_bank
+    from server.cli import tiers
     from server.serve import register as register_serve
 
     parser = argparse.ArgumentParser(
@@ -114,15 +77,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             commands.add_parser(name, help=help_text)  # listed in `hmem --help`, never run
     register_bank(commands)
     register_serve(commands)
-
-    tiers = commands.add_parser("tiers", help="inspect the storage hierarchy")
-    tier_commands = tiers.add_subparsers(dest="tiers_command", required=True)
-    profiles = tier_commands.add_parser("profiles", help="list device profiles")
-    profiles.add_argument("--profiles", type=Path, help="TOML or JSON file of extra profiles")
-    profiles.set_defaults(run=_profiles)
-    check = tier_commands.add_parser("check", help="open every configured tier and report it")
-    check.add_argument("--config", type=Path, help="settings file (TOML or JSON)")
-    check.set_defaults(run=lambda a: asyncio.run(_check_store(a.config)))
+    tiers.register(commands)
     return parser
 
 
@@ -147,7 +102,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug: its traceback is what a report needs
         print(f"hmem: error: {describe(exc)}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
