@@ -59,8 +59,7 @@ def describe(exc: BaseException) -> str:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `hmem` parser; the training commands in full only when `command` is one of them."""
-    from server.bank.commands import register as register_bank
-    from server.cli import tiers
+    from server.cli import bank, tiers
     from server.serve import register as register_serve
 
     parser = argparse.ArgumentParser(
@@ -75,7 +74,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     else:
         for name, help_text in TRAINING_COMMANDS.items():
             commands.add_parser(name, help=help_text)  # listed in `hmem --help`, never run
-    register_bank(commands)
+    bank.register(commands)
     register_serve(commands)
     tiers.register(commands)
     return parser

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 from server.bank import Bank
-from server.bank.commands import register
 from server.bank.placement import placement_from_flags
+from server.cli import main
 from tests.conftest import S3Server
 from tiers import Tier, open_tier
 
@@ -42,8 +41,5 @@ class Placed:
 
 
 def run_cli(argv: list[str]) -> int:
-    """`hmem ARGV` through the bank commands' parser, in this process; the exit code."""
-    parser = argparse.ArgumentParser(prog="hmem")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.run(args))
+    """`hmem ARGV` in this process; the exit code."""
+    return main(argv)

@@ -1,19 +1,25 @@
-"""The `hmem bank` commands: `push` copies a bank's blocks to their tiers, `verify` checks them.
+"""The `hmem bank` commands: `push` copies a bank's blocks to their tiers, `verify` checks them,
+`generate` writes a bank of a given shape with random weights straight into its tiers.
 
     hmem bank push BANK --tier 1=lmdb:/data/flash --tier 2=/data/disk --tier 3=s3://b/p \\
         [--endpoint-url URL] [--region R] [--create-bucket] [--concurrency N] [--no-progress] \\
         [--trust-existing] [--prune]
     hmem bank push BANK --config hmem.toml        # the placement of the settings' [store]
     hmem bank verify BANK (same tier flags) [--repair]
+    hmem bank generate OUT [--shape paper-160m] --tier 1=lmdb:/data/flash \\
+        --tier 2=/data/disk --tier 3=/data/disk --tier 4=s3://hmem/scale \\
+        [--endpoint-url URL] [--region R] [--seed 0] [--bank-id ID] [--concurrency 8]
 
 `push` writes what is missing or corrupt: copies already there are read back and checked against
 the manifest's sha256 (`--trust-existing` takes their name and size instead, for huge banks).
 `verify --repair` rewrites every missing or corrupt copy from the bank directory. Both list stale
 copies (this bank's names that no block of this build has); `push --prune` deletes them.
+`generate` prints the shape's sizes first, then a progress bar (on a terminal), then what was
+written and how to serve the result (`server.bank.generate`, docs/scale.md).
 
-`register` adds the group to the CLI's subparsers. Each command returns its exit code: 0 done,
-1 verify found missing or corrupt blocks (and did not repair them all), 2 an error (one line on
-stderr, `hmem: error: ...`), 130 interrupted (a push resumes where it stopped when run again).
+Exit codes: 0 done, 1 verify found missing or corrupt blocks (and did not repair them all), 2 an
+error (one line on stderr, `hmem: error: ...`), 130 interrupted (a push or a generation resumes
+where it stopped when run again).
 """
 
 from __future__ import annotations
@@ -21,28 +27,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from server.bank import generate_command
-from server.bank.errors import BankError
+from server.bank.generate import SERVE_SETTINGS, generate_bank
 from server.bank.placement import check_placement, placement_from_flags, tier_location
 from server.bank.push import PushReport, VerifyReport, push_bank, verify_bank
 from server.bank.reader import Bank
+from server.bank.shapes import SHAPES
 from server.defaults import bank_dir, store_config
 from server.settings import load_settings
 from tiers.base import Tier
 from tiers.config import StoreConfig, open_tier
-from tiers.errors import ConfigError, TierError
+from tiers.errors import ConfigError
 from tiers.s3 import S3Tier
 
 SHOWN_KEYS = 5  # problem keys listed per tier and kind; the rest are counted
+# What `hmem` adds to "interrupted": a push or a generation picks up where it stopped.
+RESUMES = "; run the same command again to resume"
+GENERATE_EXAMPLE = (
+    "--tier 1=lmdb:DIR/flash --tier 2=DIR/disk --tier 3=DIR/disk --tier 4=s3://hmem/scale "
+    "--endpoint-url http://127.0.0.1:9000"
+)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `bank push` and `bank verify` to the CLI's subcommands."""
+    """Add `bank push`, `bank verify` and `bank generate` to the `hmem` subcommands."""
     bank = commands.add_parser("bank", help="copy a bank's blocks to their tiers, or check them")
     bank_commands = bank.add_subparsers(dest="bank_command", required=True)
 
@@ -70,7 +81,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="delete this bank's stale copies: other builds' and unsuffixed names",
     )
-    push.set_defaults(run=_command(_push))
+    push.set_defaults(run=_on_a_loop(_push), on_interrupt=RESUMES)
 
     verify = bank_commands.add_parser(
         "verify",
@@ -82,8 +93,38 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="rewrite every missing or corrupt copy from the bank directory",
     )
-    verify.set_defaults(run=_command(_verify))
-    generate_command.register(bank_commands)
+    verify.set_defaults(run=_on_a_loop(_verify), on_interrupt=RESUMES)
+    _add_generate(bank_commands)
+
+
+def _add_generate(bank_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gen = bank_commands.add_parser(
+        "generate",
+        help="write a bank of random weights of a given shape, each level into its tier",
+        description="Write a bank of SHAPE with random weights (for measuring speed and memory): "
+        "the anchor, tokenizer, router and manifest into OUT, every block straight into the "
+        "tiers of its level (the disk holds one copy). Resumable: run the same command again "
+        f"after an interruption. Paper placement: {GENERATE_EXAMPLE}",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument("out", metavar="OUT", help="the bank directory to write")
+    gen.add_argument("--shape", choices=sorted(SHAPES), default="paper-160m", help="bank shape")
+    gen.add_argument(
+        "--tier",
+        action="append",
+        default=[],
+        metavar="LEVEL=URI",
+        help="where a level lives: lmdb:PATH, a directory, or s3://bucket/prefix; one per level",
+    )
+    gen.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// tiers")
+    gen.add_argument("--region", metavar="REGION", help="S3 region for s3:// tiers")
+    gen.add_argument("--seed", type=int, default=0, help="random seed of every weight")
+    gen.add_argument("--bank-id", metavar="ID", help="bank id (default: the shape's name)")
+    gen.add_argument(
+        "--concurrency", type=_positive, default=8, metavar="N", help="blocks in flight"
+    )
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(run=_on_a_loop(_generate), on_interrupt=RESUMES)
 
 
 def _positive(text: str) -> int:
@@ -129,20 +170,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _command(
+def _on_a_loop(
     body: Callable[[argparse.Namespace], Coroutine[Any, Any, int]],
 ) -> Callable[[argparse.Namespace], int]:
-    """Run `body` on a fresh event loop; errors become one line and exit code 2."""
+    """`body` as a command's `run`: on a fresh event loop, its exit status returned."""
 
     def run(args: argparse.Namespace) -> int:
-        try:
-            return asyncio.run(body(args))
-        except (TierError, BankError, ValueError, OSError) as exc:
-            print(f"hmem: error: {exc}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print("hmem: interrupted; run the same command again to resume", file=sys.stderr)
-            return 130
+        return asyncio.run(body(args))
 
     return run
 
@@ -291,4 +325,36 @@ def _print_verify(bank: Bank, config: StoreConfig, report: VerifyReport) -> None
     print(f"bank {bank.manifest.bank_id!r}: verify {verdict} in {report.seconds:.1f} s")
 
 
-__all__ = ["register"]
+async def _generate(args: argparse.Namespace) -> int:
+    shape = SHAPES[args.shape]
+    bank_id = args.bank_id or shape.name
+    config = placement_from_flags(
+        args.tier,
+        bank_id=bank_id,
+        levels=shape.levels,
+        endpoint_url=args.endpoint_url,
+        region=args.region,
+    )
+    print(shape.summary())
+    for level, names in sorted(config.placement.items()):
+        print(f"  L{level} -> " + ", ".join(tier_location(config.tiers[n]) for n in names))
+    report = await generate_bank(
+        args.out,
+        shape,
+        config,
+        bank_id=bank_id,
+        seed=args.seed,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+    )
+    if report.complete:
+        print(f"{args.out}: already complete (manifest.json written); nothing to do")
+        return 0
+    written = sum(report.written.values())
+    rate = report.bytes_written / report.seconds / 1e6 if report.seconds else 0.0
+    print(
+        f"wrote {written} blocks ({report.bytes_written / 1e9:.2f} GB) in {report.seconds:.0f} s "
+        f"({rate:.0f} MB/s); {report.resumed} were already written"
+    )
+    print(f"serve it: hmem serve --config {args.out}/{SERVE_SETTINGS}")
+    return 0
