@@ -61,7 +61,7 @@ from bench.fidelity.builds import (
 from bench.fidelity.markdown import report_markdown
 from bench.fidelity.plots import PNGS, write_plots
 from bench.fidelity.report import summarise
-from server.training.commands import DefaultsHelpFormatter
+from server.cli.training import DefaultsHelpFormatter
 from server.training.facts import FACTS_FILE, Fact
 from server.training.pipeline import ANCHOR_SIZES, BuildSettings
 from server.training.queries import load_queries

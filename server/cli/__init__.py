@@ -23,8 +23,8 @@ from collections.abc import Sequence
 
 from server import __version__
 
-# The training commands (`server.training.commands`) are registered in full only when one of
-# them runs: `hmem serve` and the other serving commands never import the training package.
+# The training commands (`server.cli.training`) are registered in full only when one of them
+# runs: `hmem serve` and the other serving commands never import the training package.
 TRAINING_COMMANDS = {
     "build": "train a memory bank from a corpus",
     "synth": "write a long-tail knowledge corpus, synthetic or GeoNames (corpus, facts)",
@@ -68,9 +68,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hmem {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     if command in TRAINING_COMMANDS:
-        from server.training.commands import register as register_training
+        from server.cli import training
 
-        register_training(commands, TRAINING_COMMANDS)
+        training.register(commands)
     else:
         for name, help_text in TRAINING_COMMANDS.items():
             commands.add_parser(name, help=help_text)  # listed in `hmem --help`, never run

@@ -1,7 +1,8 @@
 """The training commands: `hmem build`, `hmem synth`, `hmem eval` and `hmem demo`.
 
 `server.cli` registers these only when one of them is the command being run, so that
-`hmem serve` and the other serving commands never import the training package. What they refuse
+`hmem serve` and the other serving commands never import the training package; this module
+imports it (and torch) at the top, since the parsers' defaults come from it. What they refuse
 is a ValueError (`BuildError`, `CorpusError`, ...) or an OSError, which `hmem` prints as one line.
 """
 
@@ -9,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from server.bank.manifest import BANK_ID_RE
+from server.cli import TRAINING_COMMANDS
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.training.demo import build_demo
 from server.training.evaluate import MODES, evaluate
@@ -136,13 +138,11 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_build(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], helps: Mapping[str, str]
-) -> None:
+def _add_build(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     d = BuildSettings(corpus=Path(), out=Path())
     b = commands.add_parser(
         "build",
-        help=helps["build"],
+        help=TRAINING_COMMANDS["build"],
         formatter_class=DefaultsHelpFormatter,
         description="Train a memory bank: tokenizer, embeddings, hierarchical clusters, anchor "
         "(pretrained here unless --anchor is given), memories; written atomically to --out.",
@@ -301,12 +301,10 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_synth_and_eval(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], helps: Mapping[str, str]
-) -> None:
+def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = commands.add_parser(
         "synth",
-        help=helps["synth"],
+        help=TRAINING_COMMANDS["synth"],
         formatter_class=DefaultsHelpFormatter,
         description="Write a long-tail knowledge corpus (corpus.jsonl) and its facts "
         "(facts.jsonl): invented and element facts with Zipfian mentions (synthetic), or "
@@ -335,7 +333,7 @@ def _add_synth_and_eval(
     s.set_defaults(run=_synth)
     e = commands.add_parser(
         "eval",
-        help=helps["eval"],
+        help=TRAINING_COMMANDS["eval"],
         formatter_class=DefaultsHelpFormatter,
         description="Ask a bank every query, with its routed memory ('memory'), the generic "
         "memory ('generic') and none ('anchor'); print accuracy by frequency bucket (0 = most "
@@ -363,16 +361,15 @@ def _add_synth_and_eval(
     e.add_argument("--json", type=Path, help="also write the full report as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")
     e.set_defaults(run=_eval)
-    d = commands.add_parser("demo", help=helps["demo"])
+    d = commands.add_parser("demo", help=TRAINING_COMMANDS["demo"])
     d.add_argument("--data-dir", type=Path, help="default: $HMEM_DATA_DIR or ~/.local/share/hmem")
     d.add_argument("--overwrite", action="store_true", help="rebuild an existing demo bank")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(run=_demo, on_interrupt=RESUMES)
 
 
-def register(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser], helps: Mapping[str, str]
-) -> None:
-    """Add the training commands, each with its one-line help from `helps`."""
-    _add_build(commands, helps)
-    _add_synth_and_eval(commands, helps)
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `build`, `synth`, `eval` and `demo` to the `hmem` subcommands, each with its one-line
+    help from `TRAINING_COMMANDS` (the help `hmem --help` lists without importing this)."""
+    _add_build(commands)
+    _add_synth_and_eval(commands)
