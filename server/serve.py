@@ -1,18 +1,16 @@
-"""`hmem serve`: settings from flags, `HMEM_*` environment and an optional file, then uvicorn.
+"""One serving process: the settings read, the port bound, the app served by uvicorn.
 
-With no arguments it serves the packaged demo bank on the embedded default tiers under the data
-directory (`server.defaults`), on 127.0.0.1:8000.
-
-Everything that can fail on the user's input fails before the model loads, in one line: the
-settings, then the port (bound here, and that very socket handed to uvicorn, so a taken port is
-found in milliseconds and nothing can take it in between), then the bank. The app's lifespan,
-which opens the runtime (tiers, model, engine), runs here around uvicorn rather than inside it:
-an error there is raised to `hmem` as it is, instead of being logged by uvicorn as a traceback.
+`hmem serve` (`server.cli.serve`) runs these in order, so that everything that can fail on the
+user's input fails before the model loads, in one line: the settings (`read_settings`), then
+the port (`listen_socket`: bound first, and that very socket handed to uvicorn, so a taken port
+is found in milliseconds and nothing can take it in between), then the bank (`run_server`). The
+app's lifespan, which opens the runtime (tiers, model, engine), runs here around uvicorn rather
+than inside it: an error there is raised to `hmem` as it is, instead of being logged by uvicorn
+as a traceback.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import errno
@@ -35,94 +33,11 @@ from server.defaults import bank_dir
 from server.settings import Settings, load_settings
 from tiers.errors import ConfigError
 
-# Flags that set the setting of the same name.
-SETTING_FLAGS = (
-    "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
-    "context_length",
-)  # fmt: skip
-# The --replicas flags that are `ClusterOptions` of the same name (server/cluster/app.py).
-CLUSTER_OPTION_FLAGS = ("routing", "replica_cpus", "max_replicas_per_node", "spill")
-
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own: its format and level
 
 
 class ServeError(Exception):
     """The server cannot start; the message says why and what to change."""
-
-
-def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = commands.add_parser(
-        "serve",
-        help="serve a bank over HTTP (OpenAI-compatible); with no arguments, the demo bank",
-        description="Serve a memory bank over HTTP. Settings come from these flags, HMEM_* "
-        "environment variables (HMEM_STORE__DEADLINE_S=0.5 sets store.deadline_s) and an "
-        "optional settings file, strongest first.",
-    )
-    s.add_argument("--config", type=Path, metavar="FILE", help="settings file (TOML or JSON)")
-    s.add_argument("--bank", type=Path, metavar="DIR", help="bank directory (default: demo bank)")
-    s.add_argument("--data-dir", type=Path, metavar="DIR", help="state directory")
-    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
-    s.add_argument("--device", choices=["cpu", "cuda"])
-    s.add_argument("--dtype", choices=["float32", "bfloat16"])
-    s.add_argument("--cloud-endpoint", metavar="URL", help="S3 endpoint for the deepest level")
-    s.add_argument(
-        "--chat-template",
-        type=Path,
-        metavar="FILE",
-        help="Jinja2 chat template for chat prompts, replacing the model's own",
-    )
-    s.add_argument(
-        "--context-length",
-        type=int,
-        metavar="N",
-        help="tokens per sequence, prompt and completion; sizes the KV cache "
-        "(default: the model's max_position_embeddings)",
-    )
-    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    c = s.add_argument_group(
-        "many replicas (Ray Serve; pip install 'hmem[cluster]', docs/cluster.md)"
-    )
-    c.add_argument(
-        "--replicas",
-        type=int,
-        metavar="N",
-        help="serve with N engine replicas behind one ingress, requests routed to the replica "
-        "that holds their memory (default: one process, no Ray)",
-    )
-    c.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        help="join this Ray cluster ('auto' on a machine that ran `ray start`, or HOST:6379); "
-        "default: start a Ray on this machine",
-    )
-    c.add_argument(
-        "--replica-cpus",
-        type=float,
-        metavar="F",
-        help="Ray CPUs reserved per replica, and its torch threads (default: this machine's "
-        "cores / N; with --ray-address, 1 CPU and every core of its machine)",
-    )
-    c.add_argument(
-        "--max-replicas-per-node",
-        type=int,
-        metavar="K",
-        help="at most K replicas per machine (1: one per machine; default: no limit)",
-    )
-    c.add_argument(
-        "--routing",
-        choices=["residency", "ray"],
-        help="residency: to the replica holding the path (default); ray: Ray Serve's "
-        "power of two choices",
-    )
-    c.add_argument(
-        "--spill",
-        type=int,
-        metavar="K",
-        help="residency routing passes a replica holding the path over when it has K or more "
-        "requests in flight beyond the least loaded one, so a hot subtree spreads (default: 4)",
-    )
-    s.set_defaults(run=run, user_errors=(ServeError,))
 
 
 def read_settings(config_file: Path | None, **overrides: Any) -> Settings:
@@ -166,61 +81,18 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {
-        name: value for name in SETTING_FLAGS if (value := getattr(args, name)) is not None
-    }
-    settings = read_settings(args.config, **overrides)
-    if args.replicas is None:
-        for flag in ("ray_address", *CLUSTER_OPTION_FLAGS):
-            if getattr(args, flag) is not None:
-                raise ServeError(f"--{flag.replace('_', '-')} needs --replicas N")
-        # Before anything is opened: a taken port fails here in milliseconds, not after the model.
-        with listen_socket(settings.host, settings.port) as listener:
-            return _serve(settings, listener, log_level=args.log_level)
-    return _serve_replicas(settings, args)
-
-
-def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
-    """`--replicas N`: the Ray Serve application (server/cluster)."""
-    from server.cluster.command import run_cluster
-
-    try:
-        from server.cluster.app import ClusterOptions
-    except ImportError:
-        raise ServeError(
-            "--replicas needs Ray Serve, which is not installed: pip install 'hmem[cluster]'"
-        ) from None
-    if args.spill is not None and args.routing == "ray":
-        raise ServeError("--spill applies to --routing residency, not to Ray's own routing")
-    # Flags not given keep `ClusterOptions`' defaults.
-    given = {
-        name: value for name in CLUSTER_OPTION_FLAGS if (value := getattr(args, name)) is not None
-    }
-    try:
-        options = ClusterOptions(replicas=args.replicas, local=args.ray_address is None, **given)
-    except ValueError as exc:
-        name, _, rest = str(exc).partition(" ")  # the option's name first: say it as the flag
-        raise ServeError(f"--{name.replace('_', '-')} {rest}") from None
-    # The port is checked free here, in milliseconds; Serve's proxy binds it once Ray is up.
-    with listen_socket(settings.host, settings.port) as probe:
-        port = probe.getsockname()[1]
-    return run_cluster(
-        settings, options, address=args.ray_address, port=port, log_level=args.log_level
-    )
-
-
-def _serve(settings: Settings, listener: socket.socket, *, log_level: str) -> int:
+def run_server(settings: Settings, listener: socket.socket, *, log_level: str) -> int:
+    """Serve `settings`' bank on `listener` until Ctrl-C (KeyboardInterrupt) or SIGTERM."""
     bank = Bank.open(bank_dir(settings), check_files=False)  # a bad bank: one line
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
-    # lifespan "off": uvicorn would log a startup error as a traceback; `serve` runs it instead.
+    # lifespan "off": uvicorn would log a startup error as a traceback; `run` runs it instead.
     config = uvicorn.Config(app, log_level=log_level, lifespan="off", timeout_graceful_shutdown=10)
     server = uvicorn.Server(config)
     host, port = listener.getsockname()[:2]
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    async def serve() -> None:
+    async def run() -> None:
         async with app.router.lifespan_context(app):  # opens the runtime; closes it on the way out
             logger.info(
                 "serving bank %r on http://%s (Ctrl-C to stop)", bank.manifest.bank_id, where
@@ -229,7 +101,7 @@ def _serve(settings: Settings, listener: socket.socket, *, log_level: str) -> in
 
     try:
         with _signals_raised(), asyncio.Runner(loop_factory=_loop_factory()) as runner:
-            runner.run(serve())
+            runner.run(run())
     except _Terminated:
         # SIGTERM (`docker stop`), after a clean shutdown: end as the signal would have ended
         # the process (PID 1 in a container ignores it, and returns 0).

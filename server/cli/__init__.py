@@ -1,4 +1,4 @@
-"""The `hmem` command line.
+"""The `hmem` command line: one parser, every command registered the same way.
 
 `hmem serve` serves a bank over HTTP (with no arguments, the demo bank). `hmem build` trains a
 memory bank from a corpus; `hmem bank push` copies its blocks to their
@@ -6,6 +6,12 @@ tiers and `hmem bank verify` checks them there. `hmem synth` writes a synthetic 
 corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket.
 `hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
 the configured storage hierarchy and reports, per tier, whether it answers and what it holds.
+
+Each module of this package holds one command group and adds it with `register(commands)`,
+`commands` being the `hmem` subparsers. Every command's parser sets `run` (a function of the
+parsed arguments that returns the exit status) and may set `user_errors` (its own exceptions
+that are the user's to fix) and `on_interrupt` (what to add to "interrupted" when its work
+survives Ctrl-C). Nothing else: `main` runs `run` and reports every failure itself.
 
 `main` is the one place where failures meet the user: an error the user can fix (bad input, a
 missing or unreadable file, a taken port) is printed as one line, `hmem: error: ...`, with exit
@@ -59,8 +65,7 @@ def describe(exc: BaseException) -> str:
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The `hmem` parser; the training commands in full only when `command` is one of them."""
-    from server.cli import bank, tiers
-    from server.serve import register as register_serve
+    from server.cli import bank, serve, tiers
 
     parser = argparse.ArgumentParser(
         prog="hmem", description="Tiered memory-serving inference server."
@@ -75,7 +80,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         for name, help_text in TRAINING_COMMANDS.items():
             commands.add_parser(name, help=help_text)  # listed in `hmem --help`, never run
     bank.register(commands)
-    register_serve(commands)
+    serve.register(commands)
     tiers.register(commands)
     return parser
 

@@ -1,7 +1,7 @@
 """hmem as a Ray Serve application: one ingress deployment and N engine replicas.
 
 `build_app(settings, ClusterOptions(...))` returns the application `hmem serve --replicas N`
-runs (`server.cluster.command`); `build(args)` is the same for Ray's own tooling:
+runs (`server.cluster.launch`); `build(args)` is the same for Ray's own tooling:
 
     serve run server.cluster.app:build replicas=4 config=/etc/hmem/settings.toml
 

@@ -1,9 +1,10 @@
-"""`hmem serve --replicas N`: the Ray Serve application on a local Ray, or on a running cluster.
+"""`run_cluster`: the Ray Serve application on a local Ray, or on a running cluster, until a signal.
 
-What can fail on the user's input fails first, in one line, before Ray starts: the settings,
-the port, the bank. Then Ray starts (or joins `--ray-address`), Serve's HTTP proxy binds the
-settings' host and port, and the application deploys; the command returns to the shell only on
-Ctrl-C or SIGTERM, after Serve and, when it started it, Ray have shut down.
+What `hmem serve --replicas N` (`server.cli.serve`) runs once the settings, the cluster options
+and the port have passed; the bank is opened first, so a bad one fails in one line before Ray
+starts. Then Ray starts (or joins `--ray-address`), Serve's HTTP proxy binds the settings' host
+and port, and the application deploys; `run_cluster` returns only on Ctrl-C or SIGTERM, after
+Serve and, when it started it, Ray have shut down.
 """
 
 from __future__ import annotations
