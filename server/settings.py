@@ -7,6 +7,8 @@ then defaults. Nothing is built at import time.
 
 from __future__ import annotations
 
+import json
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -156,6 +158,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
     try:
         return Settings.model_validate(_Sourced(**overrides).model_dump())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        kind = "JSON" if config_file is not None and config_file.suffix == ".json" else "TOML"
+        raise ConfigError(f"settings file {config_file} is not valid {kind}: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"settings file {config_file} is a directory") from None
     except SettingsError as exc:  # a value that is not the JSON its field needs, and the like
         raise ConfigError(f"invalid settings: {exc}") from None
     except ValidationError as exc:

@@ -3,7 +3,7 @@
 With no arguments it serves the packaged demo bank on the embedded default tiers under the data
 directory (`server.defaults`), on 127.0.0.1:8000; with `--replicas N`, N engine replicas on Ray
 Serve (`server.cluster`). The flags become settings and cluster options here; reading the
-settings, binding the port and serving are `server.serve`'s, starting Ray and deploying
+settings, binding the port and serving are `server.api.server`'s, starting Ray and deploying
 `server.cluster.launch`'s. Ray is imported only for `--replicas`.
 """
 
@@ -13,8 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from server.serve import ServeError, listen_socket, read_settings, run_server
-from server.settings import Settings
+from server.api.server import ServeError, listen_socket, run_server
+from server.settings import Settings, load_settings
 
 # Flags that set the setting of the same name.
 SETTING_FLAGS = (
@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {
         name: value for name in SETTING_FLAGS if (value := getattr(args, name)) is not None
     }
-    settings = read_settings(args.config, **overrides)
+    settings = load_settings(args.config, **overrides)
     if args.replicas is None:
         for flag in ("ray_address", *CLUSTER_OPTION_FLAGS):
             if getattr(args, flag) is not None:

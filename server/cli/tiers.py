@@ -37,10 +37,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 async def _check_store(config_file: Path | None) -> int:
-    from server.serve import read_settings
+    from server.settings import load_settings
     from tiers import BytesCodec, ConfigError, TierError, build_store
 
-    settings = read_settings(config_file)
+    settings = load_settings(config_file)
     if settings.store is None:
         raise ConfigError(
             "no store configured: set [store] in the settings file or HMEM_STORE__* variables"

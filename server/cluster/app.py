@@ -29,7 +29,7 @@ from server.cluster.replica import EngineReplica
 from server.cluster.router import RayDefaultRouter, ResidencyRouter
 from server.cluster.routing_state import DECISIONS, OBSERVED, live_routers, replica_reports
 from server.defaults import bank_dir, data_dir
-from server.settings import Settings
+from server.settings import Settings, load_settings
 
 Routing = Literal["residency", "ray"]
 APP_NAME = "hmem"
@@ -177,7 +177,6 @@ def build(args: dict[str, str]) -> serve.Application:
     Keys: `config` (a settings file), `bank`, `replicas`, `routing`, `replica_cpus`,
     `max_replicas_per_node`, `spill`; the settings' environment (HMEM_*) applies as always.
     """
-    from server.serve import read_settings
 
     # The options' own values, converted; the rest keep `ClusterOptions`' defaults.
     convert: dict[str, Any] = {"replicas": int, "routing": str, "replica_cpus": float,
@@ -189,7 +188,7 @@ def build(args: dict[str, str]) -> serve.Application:
     overrides: dict[str, Any] = {}
     if "bank" in args:
         overrides["bank"] = Path(args["bank"])
-    settings = read_settings(Path(args["config"]) if "config" in args else None, **overrides)
+    settings = load_settings(Path(args["config"]) if "config" in args else None, **overrides)
     import ray
 
     # `serve run` has connected to (or started) a Ray by now: one live node is one machine.

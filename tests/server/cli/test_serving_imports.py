@@ -14,7 +14,7 @@ try:
     main(["serve", "--help"])
 except SystemExit:
     pass
-import server.api.app, server.runtime, server.serve, server.cli.serve
+import server.api.app, server.runtime, server.api.server, server.cli.serve
 print(json.dumps(sorted(sys.modules)))
 """
 

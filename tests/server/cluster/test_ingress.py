@@ -227,11 +227,11 @@ async def test_blocklist_changes_reach_every_replica(
     assert r.status_code == 200, r.text
     assert r.json()["blocked"] is True
     for replica in engine.replicas.values():
-        assert (1, 3) in replica.runtime.blocklist.entries()
+        assert (1, 3) in replica.services.memory.blocked()
     refused = await client.post("/v1/memory/block", json={"level": 1, "node": 4})
     assert refused.status_code == 401
     for replica in engine.replicas.values():
-        assert (1, 4) not in replica.runtime.blocklist.entries()
+        assert (1, 4) not in replica.services.memory.blocked()
 
 
 async def test_a_request_pinned_to_a_replica_is_served_there_and_nowhere_else(

@@ -1,12 +1,12 @@
-"""One serving process: the settings read, the port bound, the app served by uvicorn.
+"""One serving process: the port bound, then the app served by uvicorn.
 
-`hmem serve` (`server.cli.serve`) runs these in order, so that everything that can fail on the
-user's input fails before the model loads, in one line: the settings (`read_settings`), then
-the port (`listen_socket`: bound first, and that very socket handed to uvicorn, so a taken port
-is found in milliseconds and nothing can take it in between), then the bank (`run_server`). The
-app's lifespan, which opens the runtime (tiers, model, engine), runs here around uvicorn rather
-than inside it: an error there is raised to `hmem` as it is, instead of being logged by uvicorn
-as a traceback.
+`hmem serve` (`server.cli.serve`) reads the settings (`server.settings.load_settings`), then runs
+these in order, so that everything that can fail on the user's input fails before the model
+loads, in one line: the port (`listen_socket`: bound first, and that very socket handed to
+uvicorn, so a taken port is found in milliseconds and nothing can take it in between), then the
+bank (`run_server`). The app's lifespan, which opens the runtime (tiers, model, engine), runs
+here around uvicorn rather than inside it: an error there is raised to `hmem` as it is, instead
+of being logged by uvicorn as a traceback.
 """
 
 from __future__ import annotations
@@ -14,41 +14,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import logging
 import signal
 import socket
 import threading
-import tomllib
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from types import FrameType
-from typing import Any
 
 import uvicorn
 
 from server.api.app import create_app
 from server.bank.reader import Bank
 from server.defaults import bank_dir
-from server.settings import Settings, load_settings
-from tiers.errors import ConfigError
+from server.settings import Settings
 
 logger = logging.getLogger("uvicorn.error")  # uvicorn's own: its format and level
 
 
 class ServeError(Exception):
     """The server cannot start; the message says why and what to change."""
-
-
-def read_settings(config_file: Path | None, **overrides: Any) -> Settings:
-    """`load_settings`, with a settings file that does not parse named in the error."""
-    try:
-        return load_settings(config_file, **overrides)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        kind = "JSON" if config_file is not None and config_file.suffix == ".json" else "TOML"
-        raise ConfigError(f"settings file {config_file} is not valid {kind}: {exc}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"settings file {config_file} is a directory") from None
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
