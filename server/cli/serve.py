@@ -121,7 +121,7 @@ def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
     from server.cluster.launch import run_cluster
 
     try:
-        from server.cluster.app import ClusterOptions
+        from server.cluster.app import ClusterOptions, OptionError
     except ImportError:
         raise ServeError(
             "--replicas needs Ray Serve, which is not installed: pip install 'hmem[cluster]'"
@@ -134,9 +134,8 @@ def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:
     }
     try:
         options = ClusterOptions(replicas=args.replicas, local=args.ray_address is None, **given)
-    except ValueError as exc:
-        name, _, rest = str(exc).partition(" ")  # the option's name first: say it as the flag
-        raise ServeError(f"--{name.replace('_', '-')} {rest}") from None
+    except OptionError as exc:
+        raise ServeError(f"--{exc.option.replace('_', '-')} {exc.rule}") from None
     # The port is checked free here, in milliseconds; Serve's proxy binds it once Ray is up.
     with listen_socket(settings.host, settings.port) as probe:
         port = probe.getsockname()[1]

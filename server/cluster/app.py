@@ -37,6 +37,16 @@ ENGINE = "EngineReplica"
 INGRESS = "Ingress"
 
 
+class OptionError(ValueError):
+    """A `ClusterOptions` value out of range; `option` names the field (the command line says
+    it as its flag)."""
+
+    def __init__(self, option: str, rule: str) -> None:
+        super().__init__(f"{option} {rule}")
+        self.option = option
+        self.rule = rule
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterOptions:
     replicas: int = 2
@@ -52,16 +62,16 @@ class ClusterOptions:
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {self.replicas}")
+            raise OptionError("replicas", f"must be at least 1, got {self.replicas}")
         if self.routing not in ("residency", "ray"):
-            raise ValueError(f"routing must be 'residency' or 'ray', got {self.routing!r}")
+            raise OptionError("routing", f"must be 'residency' or 'ray', got {self.routing!r}")
         if self.replica_cpus is not None and self.replica_cpus < 0:
-            raise ValueError(f"replica_cpus must be at least 0, got {self.replica_cpus}")
+            raise OptionError("replica_cpus", f"must be at least 0, got {self.replica_cpus}")
         if self.spill < 1:
-            raise ValueError(f"spill must be at least 1, got {self.spill}")
+            raise OptionError("spill", f"must be at least 1, got {self.spill}")
         if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
-            raise ValueError(
-                f"max_replicas_per_node must be at least 1, got {self.max_replicas_per_node}"
+            raise OptionError(
+                "max_replicas_per_node", f"must be at least 1, got {self.max_replicas_per_node}"
             )
 
 
