@@ -10,14 +10,22 @@ contributed none.
 It applies only to a run of the whole suite (pytest with no path arguments: its `testpaths`, or
 the invocation directory); a run of chosen files or directories is left alone. `tests/conftest.py`
 imports it; `.ci/run` runs the whole suite.
+
+Under pytest-xdist (`-n`) each worker collects the suite and checks it; a worker's usage error
+would end only that worker, so the worker also leaves its message in its `workeroutput`, and the
+controller raises it when the worker goes down (`pytest_testnodedown`): the same error and exit
+status as a run without workers.
 """
 
 from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+WORKER_KEY = "collection_guard"  # where an xdist worker leaves its message for the controller
 
 
 def _whole_suite_roots(config: pytest.Config) -> list[Path]:
@@ -50,7 +58,19 @@ def pytest_collection_modifyitems(
     silent = sorted(on_disk - collected)
     if silent:
         names = "\n  ".join(str(path.relative_to(config.rootpath)) for path in silent)
-        raise pytest.UsageError(
+        message = (
             f"{len(silent)} test file(s) on disk contributed no collected test (a skipped "
             f"directory, an --ignore, a module-level skip, or no test in them):\n  {names}"
         )
+        workeroutput = getattr(config, "workeroutput", None)  # an xdist worker's
+        if workeroutput is not None:
+            workeroutput[WORKER_KEY] = message
+        raise pytest.UsageError(message)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object | None) -> None:
+    """On the xdist controller: a worker that found a silent file fails the run with its message."""
+    message = getattr(node, "workeroutput", {}).get(WORKER_KEY)
+    if message:
+        raise pytest.UsageError(message)

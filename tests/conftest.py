@@ -11,8 +11,11 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 # A run of the whole suite fails if any test file contributes no test (tests/collection_guard.py).
-from tests.collection_guard import pytest_collection_modifyitems  # noqa: F401
+from tests.collection_guard import pytest_collection_modifyitems, pytest_testnodedown  # noqa: F401
 from tiers.rclone_server import RcloneS3Server
+
+# How `.ci/run`'s xdist workers share the suite out (tests/scheduling.py).
+pytest_plugins = ("tests.scheduling",)
 
 S3_CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing-secret"}
 

@@ -19,7 +19,10 @@ A_TEST = "def test_one():\n    assert [1] * 2 == [1, 1]\n"
 
 def project(root: Path, files: dict[str, str]) -> Path:
     (root / "pyproject.toml").write_text('[tool.pytest.ini_options]\ntestpaths = ["suite"]\n')
-    conftest = "from tests.collection_guard import pytest_collection_modifyitems  # noqa: F401\n"
+    conftest = (
+        "from tests.collection_guard import pytest_collection_modifyitems, pytest_testnodedown"
+        "  # noqa: F401\n"
+    )
     (root / "suite").mkdir()
     (root / "suite" / "conftest.py").write_text(conftest)
     for name, text in files.items():
@@ -97,3 +100,19 @@ def test_keyword_deselection_is_not_a_silent_file(tmp_path: Path) -> None:
     result = run_pytest(root, "-k", "one")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed, 1 deselected" in result.stdout
+
+
+def test_under_xdist_workers_a_silent_file_fails_the_run_with_its_name(tmp_path: Path) -> None:
+    # Each worker finds it; the controller reports it as the run without workers does.
+    root = project(tmp_path, {"test_a.py": A_TEST, "build/test_b.py": A_TEST})
+    result = run_pytest(root, "-n", "2")
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
+    assert "suite/build/test_b.py" in result.stderr
+    assert "1 test file(s) on disk contributed no collected test" in result.stderr
+
+
+def test_under_xdist_workers_a_whole_suite_passes(tmp_path: Path) -> None:
+    root = project(tmp_path, {"test_a.py": A_TEST, "training/test_b.py": A_TEST})
+    result = run_pytest(root, "-n", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 passed" in result.stdout
