@@ -19,7 +19,7 @@ Whether the paper's ordering holds here (FFN > LoRA > KV, more memory better, be
 worse than random, memory beats the anchor on the rarest bucket) is computed from the numbers.
 
 Every build takes `BuildSettings`' defaults but for what a table varies (memory type, widths)
-and what the flags set (--quick: a tiny corpus, the tiny anchor, 60 + 60 steps, 2 levels of 4).
+and what the flags set (--quick: a tiny corpus, the tiny anchor, 20 + 20 steps, 2 levels of 4).
 Builds are independent `build_bank` runs in worker processes (`--jobs`, one torch thread each),
 each in its own directory under `--work` (default OUT/work) named by its settings' fingerprint:
 a directory that already holds a bank is reused, so a run stopped midway continues where it was
@@ -73,7 +73,7 @@ DEFAULTS = BuildSettings(corpus=Path(), out=Path())
 SCALES = (0.5, 1.0, 2.0)
 # --quick: a tiny corpus and build, so that the whole bench runs in about a minute on one core.
 QUICK_SCALES = (0.5, 1.0)
-QUICK = {"levels": 2, "branching": 4, "anchor_size": "tiny", "pretrain_steps": 60, "steps": 60}
+QUICK = {"levels": 2, "branching": 4, "anchor_size": "tiny", "pretrain_steps": 20, "steps": 20}
 QUICK_CORPUS = {"entities": 20, "filler_docs": 40}  # entities: also the top mention count
 
 
@@ -281,7 +281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="tiny corpus, tiny anchor, 60+60 steps, 2 levels of 4, scales 0.5,1 (a smoke test)",
+        help="tiny corpus, tiny anchor, 20+20 steps, 2 levels of 4, scales 0.5,1 (a smoke test)",
     )
     p.add_argument(
         "--jobs",

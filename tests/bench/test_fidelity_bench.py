@@ -1,5 +1,5 @@
 """Smoke test of bench.fidelity in quick mode: four tiny builds (FFN, LoRA, KV, half-width FFN)
-and their evaluations, end to end. The accuracies are not checked (60 + 60 steps learn no facts);
+and their evaluations, end to end. The accuracies are not checked (20 + 20 steps learn no facts);
 their shape, range and consistency are: the blocking curve with nothing blocked is the default
 build's memory accuracy, fact by fact, and with everything blocked the anchor's; blocking the
 best-matching subtree moves every fact off its routed subtree; LoRA and KV fetch as many
