@@ -25,9 +25,9 @@ ONE_UNIT = {
 # The longest units, longest first (seconds under `-n 2` on a 2-core machine, from --durations;
 # the rest take a few seconds each).
 LONGEST = (
-    RAY,  # ~230: the cluster bench (~125), the Ray cluster tests (~100); slower beside a worker
-    "tests/server/training/test_paraphrase_recall.py",  # ~125: trains a tiny bank
-    "tests/bench/test_fidelity_bench.py",  # ~60: four tiny builds, then two more runs
+    RAY,  # ~160: the cluster bench (~105), the Ray cluster tests (~55); slower beside a worker
+    "tests/server/training/test_paraphrase_recall.py",  # ~105: trains a tiny bank
+    "tests/bench/test_fidelity_bench.py",  # ~35: four tiny builds, then two more runs
     "tests/bench/test_soak_bench.py",  # ~35: 25 s of load and faults
     "tests/bench/test_scale_bench.py",
     "tests/bench/test_latency_bench.py",
