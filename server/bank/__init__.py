@@ -12,6 +12,7 @@ every tier read is verified against. Only JSON and safetensors are ever read.
 from server.bank.codec import (
     BLOCK_FORMAT,
     BankBlockCodec,
+    as_stored,
     block_nbytes,
     check_shapes,
     decode_block,
@@ -60,6 +61,7 @@ __all__ = [
     "BlockIntegrityError",
     "BlockNotInBankError",
     "ModelShape",
+    "as_stored",
     "block_nbytes",
     "block_shapes",
     "centroids_name",

@@ -6,6 +6,12 @@ strictly (a block that passed its sha256 can still be the wrong block for this b
 every tensor out of a single `bytearray`: no element-wise copies. Bytes that the caller does not
 own (a tier's `memoryview` of an LMDB page lives only as long as its transaction) are copied into
 a fresh `bytearray` once, so a decoded block always owns its memory.
+
+Two codecs, marked in the blob's metadata: float blocks (no mark, codec 1: every tensor in the
+bank's one float dtype, written as they always were, so existing banks keep their bytes and
+sha256s) and int8 blocks (`"codec": "2"`, FFN only: `gate`, `up`, `down` int8 (`I8`) and their
+`*.scale` float32 (`F32`) `[L, r]`, `server.model.memory`). A float block encoded for an int8
+bank is quantized (`quantize_block`); an int8 block encoded for a float bank is dequantized.
 """
 
 from __future__ import annotations
@@ -25,26 +31,35 @@ from server.bank.errors import BlockFormatError
 from server.bank.layout import Shape
 from server.bank.manifest import BankManifest
 from server.model.memory import (
+    FFN_SCALES,
     LORA_TARGETS,
+    FFNBlock,
     MemoryBlock,
     MemoryFormatError,
     MemoryType,
     block_from_tensors,
+    dequantize_block,
     memory_type_of,
+    quantize_block,
 )
 
 BLOCK_FORMAT = "hmem-block"
+CODEC_FLOAT = "1"  # not written: a block without a codec mark is a float block
+CODEC_INT8 = "2"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit; a block's header is < 1 KiB
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F32": torch.float32,
     "BF16": torch.bfloat16,
     "F16": torch.float16,
+    "I8": torch.int8,
 }
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
+    "int8": torch.int8,
 }
+_INT8_WEIGHTS = ("gate", "up", "down")
 _ENTRY_KEYS = {"dtype", "shape", "data_offsets"}
 _LORA_NAME_RE = re.compile(rf"(?:{'|'.join(LORA_TARGETS)})\.[ab]")
 
@@ -82,10 +97,33 @@ def unshared_cpu(
     return out
 
 
+def as_stored(block: MemoryBlock, dtype: str | torch.dtype) -> MemoryBlock:
+    """`block` in the form a bank of `dtype` stores: quantized for int8 (FFN only, else
+    `BlockFormatError`), dequantized for a float dtype if it was int8, otherwise as it is."""
+    want = torch_dtype(dtype)
+    if want == torch.int8:
+        try:
+            return quantize_block(block)
+        except MemoryFormatError as exc:
+            raise BlockFormatError(str(exc)) from exc
+    if isinstance(block, FFNBlock) and block.quantized:
+        return dequantize_block(block, want)
+    return block
+
+
 def encode_block(block: MemoryBlock, *, dtype: str | torch.dtype) -> bytes:
-    """A block as a safetensors blob, every tensor contiguous on CPU and cast to `dtype`."""
-    tensors = unshared_cpu(block.tensors(), torch_dtype(dtype))
+    """A block as a safetensors blob, every tensor contiguous on CPU, stored as a bank of
+    `dtype` stores it: cast to a float `dtype`, or int8 weights with float32 scales."""
+    want = torch_dtype(dtype)
+    block = as_stored(block, want)
     metadata = {"format": BLOCK_FORMAT, "memory_type": str(memory_type_of(block))}
+    if want != torch.int8:
+        tensors = unshared_cpu(block.tensors(), want)
+    else:
+        metadata["codec"] = CODEC_INT8
+        tensors = unshared_cpu(
+            {n: t.float() if n in FFN_SCALES else t for n, t in block.tensors().items()}
+        )
     return canonical_safetensors(save_safetensors(tensors, metadata=metadata))
 
 
@@ -239,8 +277,8 @@ def decode_block(
 ) -> MemoryBlock:
     """Decode a block blob; its tensors are views of one buffer the block owns.
 
-    `expected` (tensor name -> shape) and `dtype` are checked when given. Raises
-    `BlockFormatError` naming what is wrong.
+    `expected` (tensor name -> shape) and `dtype` are checked when given (`"int8"`: an int8
+    block, its scales included in `expected`). Raises `BlockFormatError` naming what is wrong.
     """
     view = _as_byte_view(buf)
     specs, metadata = read_header(view)
@@ -249,13 +287,7 @@ def decode_block(
         raise BlockFormatError(f"block metadata format {fmt!r} is not {BLOCK_FORMAT!r}")
     if stored_type is not None and stored_type != str(memory_type):
         raise BlockFormatError(f"block holds a {stored_type} memory, expected {memory_type}")
-    want = None if dtype is None else torch_dtype(dtype)
-    dtypes = {_ST_DTYPES[s.dtype] for s in specs}
-    if want is not None and dtypes - {want}:
-        bad = next(s for s in specs if _ST_DTYPES[s.dtype] != want)
-        raise BlockFormatError(f"tensor {bad.name!r}: dtype {bad.dtype}, expected {want}")
-    if len(dtypes) > 1:
-        raise BlockFormatError(f"block mixes dtypes {sorted(s.dtype for s in specs)}")
+    _check_dtypes(specs, metadata, memory_type, None if dtype is None else torch_dtype(dtype))
     if memory_type is MemoryType.LORA:
         bad_names = [s.name for s in specs if _LORA_NAME_RE.fullmatch(s.name) is None]
         if bad_names:
@@ -270,6 +302,59 @@ def decode_block(
         return block_from_tensors(memory_type, tensors)
     except MemoryFormatError as exc:
         raise BlockFormatError(str(exc)) from exc
+
+
+def _check_dtypes(
+    specs: list[TensorSpec],
+    metadata: Mapping[str, str],
+    memory_type: MemoryType,
+    want: torch.dtype | None,
+) -> None:
+    """A float block holds one float dtype (`want`, when given); an int8 block (codec mark 2,
+    FFN only) int8 weights and float32 scales, and is wanted only where `want` is int8 or None."""
+    codec = metadata.get("codec", CODEC_FLOAT)
+    if codec not in (CODEC_FLOAT, CODEC_INT8):
+        raise BlockFormatError(
+            f"block codec {codec!r} is not one this hmem reads ({CODEC_FLOAT!r}: float, "
+            f"{CODEC_INT8!r}: int8)"
+        )
+    # The tensor to name: a weight before a scale (scales come first in the data).
+    ordered = sorted(specs, key=lambda s: s.name in FFN_SCALES)
+    if codec == CODEC_FLOAT:
+        if want == torch.int8:
+            name, got = (ordered[0].name, ordered[0].dtype) if ordered else ("gate", "none")
+            raise BlockFormatError(
+                f"tensor {name!r}: dtype {got}, expected int8 (an int8 bank's blocks are int8 "
+                f"with float32 scales, marked codec {CODEC_INT8!r})"
+            )
+        if want is not None:
+            bad = next((s for s in ordered if _ST_DTYPES[s.dtype] != want), None)
+            if bad is not None:
+                raise BlockFormatError(f"tensor {bad.name!r}: dtype {bad.dtype}, expected {want}")
+        int8 = next((s for s in ordered if s.dtype == "I8"), None)
+        if int8 is not None:
+            raise BlockFormatError(
+                f"tensor {int8.name!r}: dtype I8 in a block not marked int8 (codec {CODEC_INT8!r})"
+            )
+        if len({s.dtype for s in specs}) > 1:
+            raise BlockFormatError(f"block mixes dtypes {sorted(s.dtype for s in specs)}")
+        return
+    if want is not None and want != torch.int8:
+        name, got = (ordered[0].name, ordered[0].dtype) if ordered else ("gate", "none")
+        raise BlockFormatError(f"tensor {name!r}: dtype {got} (an int8 block), expected {want}")
+    if memory_type is not MemoryType.FFN:
+        raise BlockFormatError(f"an int8 block holds an ffn memory, not a {memory_type} memory")
+    for s in ordered:
+        need = "F32" if s.name in FFN_SCALES else "I8"
+        if s.dtype != need:
+            raise BlockFormatError(
+                f"tensor {s.name!r}: dtype {s.dtype}, but an int8 block stores it as {need} "
+                "(block mixes dtypes)"
+            )
+    names = {s.name for s in specs}
+    missing = [n for n in (*_INT8_WEIGHTS, *FFN_SCALES) if n not in names]
+    if missing:
+        raise BlockFormatError(f"int8 block is missing tensors {missing}")
 
 
 def block_nbytes(block: MemoryBlock) -> int:

@@ -8,11 +8,12 @@ as `hmem bank push` would have put it. The bank directory gets everything else: 
 settings that serve this bank from those tiers) and, last, `manifest.json`, which lists every
 block's size and sha256. A directory without a manifest is an unfinished generation.
 
-Resumable: `generate.json` records the shape, seed and placement, and `generate-journal.jsonl`
-gets one line per block once every tier of its level holds it (tier writes are atomic). Run the
-same command again after an interruption and it skips the journal's blocks; one given with a
-different shape, seed or placement is refused. Block bytes depend only on (seed, level, node)
-(`server.bank.synthetic`), so a block written but not yet journalled is rewritten identically.
+Resumable: `generate.json` records the shape, block dtype, seed and placement, and
+`generate-journal.jsonl` gets one line per block once every tier of its level holds it (tier
+writes are atomic). Run the same command again after an interruption and it skips the journal's
+blocks; one given with a different shape, dtype, seed or placement is refused. Block bytes depend
+only on (seed, level, node, dtype) (`server.bank.synthetic`), so a block written but not yet
+journalled is rewritten identically.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _plan(shape: BankShape, config: StoreConfig, bank_id: str, seed: int) -> dict[str, Any]:
     return {
         "shape": shape.name,
+        "dtype": shape.dtype,
         "bank_id": bank_id,
         "seed": seed,
         "placement": {
@@ -96,6 +98,7 @@ def _check_plan(out: Path, plan: dict[str, Any]) -> None:
     path = out / PLAN
     if path.is_file():
         old = json.loads(path.read_text())
+        old.setdefault("dtype", "bfloat16")  # a plan from before --dtype: every shape was bf16
         diff = [k for k in plan if old.get(k) != plan[k]]
         if diff:
             raise ConfigError(

@@ -5,6 +5,9 @@ anchor dimensions blocks must fit, the storage dtype), the router's embedder spe
 every block and generic-memory file with its size and sha256. Tiers verify every read against
 that index (`digests()`), so the manifest is the bank's root of trust. It is only ever read as
 JSON; every problem raises `BankFormatError` naming the field.
+
+The storage dtype `int8` (FFN banks only) came after the first banks and needed no new version:
+a float bank's manifest reads as before, and an older hmem refuses `dtype: "int8"` by name.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.bank.errors import BankFileMissingError, BankFormatError
-from server.bank.layout import BankDType, ModelShape, Shape, block_shapes, payload_bytes
+from server.bank.layout import (
+    FLOAT_DTYPES,
+    INT8,
+    BankDType,
+    ModelShape,
+    Shape,
+    block_shapes,
+    payload_bytes,
+)
 from server.model.memory import LORA_TARGETS, MemoryType
 from tiers.errors import InvalidKeyError
 from tiers.keys import BlockKey
@@ -119,6 +130,11 @@ class BankManifest(BaseModel):
                 "(one width r per level, 0 for a level without memory)"
             )
         self._check_lora_targets()
+        if self.dtype == INT8 and self.memory_type is not MemoryType.FFN:
+            raise ValueError(
+                f"dtype: int8 storage is for ffn memories only, not {self.memory_type}; store a "
+                f"{self.memory_type} bank in {', '.join(FLOAT_DTYPES)}"
+            )
         for name in self.generic:
             m = _GENERIC_RE.fullmatch(name)
             if m is None or not 1 <= int(m[1]) <= self.levels:
@@ -188,9 +204,14 @@ class BankManifest(BaseModel):
         return {key: entry.digest() for key, entry in self.blocks.items()}
 
     def shapes_for_width(self, width: int) -> dict[str, Shape]:
-        """Tensor shapes of a block of this bank's memory type with width (r) `width`."""
+        """Tensor shapes of a block of this bank with width (r) `width`, as stored (an int8
+        bank's with their scales)."""
         return block_shapes(
-            self.memory_type, self.model, width=width, lora_targets=self.lora_targets
+            self.memory_type,
+            self.model,
+            width=width,
+            lora_targets=self.lora_targets,
+            dtype=self.dtype,
         )
 
     def block_shapes(self, level: int) -> dict[str, Shape]:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from server.bank.layout import BankDType, ModelShape, Shape, zeroed_tensor_names
+from server.bank.layout import BankDType, ModelShape, Shape, block_shapes, zeroed_tensor_names
 from server.bank.manifest import BankManifest
 from server.bank.writer import BankWriter
 from server.model.memory import MemoryBlock, MemoryType, block_from_tensors
@@ -104,7 +104,10 @@ def write_random_bank(
             router.update({f"embedder.{name}": t for name, t in state.items()})
         writer.write_router(router)
         for level in m.memory_levels():
-            shapes = m.block_shapes(level)
+            # Float weights; an int8 bank's writer quantizes them.
+            shapes = block_shapes(
+                memory_type, m.model, width=m.width(level), lora_targets=m.lora_targets
+            )
             for node in range(m.n_nodes(level)):
                 block = random_block(memory_type, shapes, generator=gen, zero_down=zero_down)
                 writer.write_block(level, node, block)

@@ -4,10 +4,11 @@
 `torch.randn`: each bf16 value takes a random sign, a random 7-bit mantissa and one of two
 exponents, giving magnitudes in [2^-7, 2^-5) (about 0.008 to 0.031, std about 0.018, close to the
 0.02 of a fresh memory). numpy's PCG64 makes these at memory speed, seeded per block from (seed,
-level, node), so a block's bytes, and therefore its sha256, depend on nothing else: an
-interrupted generation resumes by skipping what its journal lists, and a rerun writes the same
-bank. The anchor is a Hugging Face Llama checkpoint of the shape's architecture with the same
-kind of values (norm weights 1). Its tokenizer is a byte-level BPE trained by `tokenizers` on
+level, node), so a block's bytes, and therefore its sha256, depend on nothing else (and the
+bank's dtype: an int8 bank's blocks are those bf16 values quantized): an interrupted generation
+resumes by skipping what its journal lists, and a rerun writes the same bank. The anchor is a
+Hugging Face Llama checkpoint of the shape's architecture with the same kind of values (norm
+weights 1). Its tokenizer is a byte-level BPE trained by `tokenizers` on
 the Python standard library's own source, which ships with every interpreter: English
 identifiers and prose enough to learn gpt-neox's 50,277 tokens in seconds, with no download.
 """
@@ -25,7 +26,7 @@ from safetensors.torch import save
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from server.bank.codec import encode_block, torch_dtype
-from server.bank.layout import block_shapes
+from server.bank.layout import INT8, block_shapes
 from server.bank.shapes import BankShape
 from server.model.anchor import Anchor
 from server.model.memory import FFNBlock, MemoryType
@@ -57,13 +58,15 @@ def block_rng(seed: int, level: int, node: int) -> np.random.Generator:
 
 def _random_ffn_block(shape: BankShape, level: int, rng: np.random.Generator) -> FFNBlock:
     shapes = block_shapes(MemoryType.FFN, shape.model_shape(), width=shape.widths[level - 1])
-    dtype = torch_dtype(shape.dtype)
+    # An int8 bank's blocks are the bf16 ones quantized: the same seed, the same weights.
+    dtype = torch.bfloat16 if shape.dtype == INT8 else torch_dtype(shape.dtype)
     t = {name: _random_tensor(rng, s, dtype) for name, s in shapes.items()}
     return FFNBlock(t["gate"], t["up"], t["down"])
 
 
 def random_block_bytes(shape: BankShape, level: int, node: int, seed: int) -> tuple[bytes, str]:
-    """The encoded FFN block of (`level`, `node`) and its sha256 hex digest."""
+    """The encoded FFN block of (`level`, `node`) in the shape's dtype, and its sha256 hex
+    digest."""
     block = _random_ffn_block(shape, level, block_rng(seed, level, node))
     data = encode_block(block, dtype=shape.dtype)
     return data, hashlib.sha256(data).hexdigest()
@@ -75,9 +78,10 @@ def random_generic_block(shape: BankShape, level: int, *, seed: int) -> FFNBlock
 
 
 def write_random_anchor(shape: BankShape, out_dir: Path, *, seed: int) -> None:
-    """config.json and model.safetensors (HF Llama layout, the shape's dtype), random values."""
+    """config.json and model.safetensors (HF Llama layout, the shape's anchor dtype), random
+    values."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = torch_dtype(shape.dtype)
+    dtype = torch_dtype(shape.anchor_dtype)
     with torch.device("meta"):
         model = Anchor(shape.anchor)
     rng = np.random.default_rng([seed, 0, 1 << 41])
@@ -90,7 +94,7 @@ def write_random_anchor(shape: BankShape, out_dir: Path, *, seed: int) -> None:
         else:
             state[name] = _random_tensor(rng, tuple(p.shape), dtype)
     config = shape.anchor.to_hf()
-    config["torch_dtype"] = shape.dtype
+    config["torch_dtype"] = shape.anchor_dtype
     tmp = out_dir / "model.safetensors.tmp"
     # Written by us, not `save_file`, which makes its file private (0600): the serving user
     # reads the anchor too, as it reads the bank's other files.

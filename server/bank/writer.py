@@ -5,6 +5,7 @@ Everything goes into a hidden sibling directory `.{name}.partial-<random>`; `com
 its final name. Replacing an existing bank (`overwrite=True`) renames the old one aside, renames
 the new one in, and deletes the old one, so readers see the old bank or the new one, never a mix.
 An exception inside `with BankWriter(...)` removes the partial directory; a clean exit commits.
+Blocks are given in any dtype and stored in the bank's (an int8 bank quantizes float blocks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from server.bank.codec import check_shapes, encode_block
+from server.bank.codec import as_stored, check_shapes, encode_block
 from server.bank.errors import BankError, BankExistsError, BankFileMissingError, BankFormatError
 from server.bank.layout import BankDType, ModelShape
 from server.bank.manifest import (
@@ -36,6 +37,8 @@ from server.bank.paths import (
     ANCHOR_DIR,
     ANCHOR_FILES,
     ANCHOR_REQUIRED,
+    BLOCKS_DIR,
+    GENERIC_DIR,
     block_relpath,
     generic_relpath,
 )
@@ -126,6 +129,7 @@ class BankWriter:
                 f"{what}: a {memory_type_of(block)} block in a {m.memory_type} bank"
             )
         try:
+            block = as_stored(block, m.dtype)  # an int8 bank quantizes float blocks
             check_shapes(block.tensors(), m.block_shapes(level))
         except BankFormatError as exc:
             raise type(exc)(f"{what}: {exc}") from exc
@@ -156,6 +160,17 @@ class BankWriter:
         self._check_open()
         self._write(ROUTER_NAME, encode_router(self.manifest, tensors))
         self._router_written = True
+
+    def write_note(self, name: str, data: bytes) -> None:
+        """Write a file of the bank's maker beside the bank's own (how it was made); no reader
+        of the bank reads it."""
+        self._check_open()
+        reserved = {MANIFEST_NAME, ROUTER_NAME, ANCHOR_DIR, BLOCKS_DIR, GENERIC_DIR}
+        if "/" in name or name in reserved or name.startswith("."):
+            raise BankFormatError(
+                f"{name!r} is not a name for a note: a plain file name, none of {sorted(reserved)}"
+            )
+        self._write(name, data)
 
     def copy_anchor(self, src_dir: str | Path) -> None:
         """Copy the anchor's config.json and model.safetensors, and its tokenizer files."""

@@ -1,25 +1,31 @@
 """The `hmem bank` commands: `push` copies a bank's blocks to their tiers, `verify` checks them,
-`generate` writes a bank of a given shape with random weights straight into its tiers.
+`generate` writes a bank of a given shape with random weights straight into its tiers, `convert`
+writes a bank's blocks in another dtype as a new bank.
 
     hmem bank push BANK --tier 1=lmdb:/data/flash --tier 2=/data/disk --tier 3=s3://b/p \\
         [--endpoint-url URL] [--region R] [--create-bucket] [--concurrency N] [--no-progress] \\
         [--trust-existing] [--prune]
     hmem bank push BANK --config hmem.toml        # the placement of the settings' [store]
+    hmem bank push BANK --dtype int8 --out OUT (tier flags)   # convert, then push OUT
     hmem bank verify BANK (same tier flags) [--repair]
     hmem bank generate OUT [--shape paper-160m] --tier 1=lmdb:/data/flash \\
         --tier 2=/data/disk --tier 3=/data/disk --tier 4=s3://hmem/scale \\
-        [--endpoint-url URL] [--region R] [--seed 0] [--bank-id ID] [--concurrency 8]
+        [--endpoint-url URL] [--region R] [--seed 0] [--bank-id ID] [--concurrency 8] \\
+        [--dtype {bfloat16,float16,float32,int8}]
+    hmem bank convert SRC OUT --dtype int8 [--overwrite] [--concurrency 4] [--no-progress]
 
 `push` writes what is missing or corrupt: copies already there are read back and checked against
 the manifest's sha256 (`--trust-existing` takes their name and size instead, for huge banks).
 `verify --repair` rewrites every missing or corrupt copy from the bank directory. Both list stale
 copies (this bank's names that no block of this build has); `push --prune` deletes them.
 `generate` prints the shape's sizes first, then a progress bar (on a terminal), then what was
-written and how to serve the result (`server.bank.generate`, docs/scale.md).
+written and how to serve the result (`server.bank.generate`, docs/scale.md). `convert` writes a
+new bank (same id, tree, router, anchor; new block bytes and sha256s: `server.bank.convert`),
+pushed with `hmem bank push OUT` as any bank; `push --dtype D --out OUT` does both.
 
 Exit codes: 0 done, 1 verify found missing or corrupt blocks (and did not repair them all), 2 an
 error (one line on stderr, `hmem: error: ...`), 130 interrupted (a push or a generation resumes
-where it stopped when run again).
+where it stopped when run again; an interrupted conversion left nothing and starts over).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from server.bank.convert import ConvertReport, convert_bank
 from server.bank.generate import SERVE_SETTINGS, generate_bank
+from server.bank.layout import BANK_DTYPES
 from server.bank.placement import check_placement, placement_from_flags, tier_location
 from server.bank.push import PushReport, VerifyReport, push_bank, verify_bank
 from server.bank.reader import Bank
@@ -46,6 +54,7 @@ from tiers.s3 import S3Tier
 SHOWN_KEYS = 5  # problem keys listed per tier and kind; the rest are counted
 # What `hmem` adds to "interrupted": a push or a generation picks up where it stopped.
 RESUMES = "; run the same command again to resume"
+CONVERT_STARTS_OVER = "; OUT was not written: run the same command again"
 GENERATE_EXAMPLE = (
     "--tier 1=lmdb:DIR/flash --tier 2=DIR/disk --tier 3=DIR/disk --tier 4=s3://hmem/scale "
     "--endpoint-url http://127.0.0.1:9000"
@@ -53,8 +62,10 @@ GENERATE_EXAMPLE = (
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `bank push`, `bank verify` and `bank generate` to the `hmem` subcommands."""
-    bank = commands.add_parser("bank", help="copy a bank's blocks to their tiers, or check them")
+    """Add `bank push`, `verify`, `generate` and `convert` to the `hmem` subcommands."""
+    bank = commands.add_parser(
+        "bank", help="copy a bank's blocks to their tiers, check, generate or convert banks"
+    )
     bank_commands = bank.add_subparsers(dest="bank_command", required=True)
 
     push = bank_commands.add_parser(
@@ -81,7 +92,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         action="store_true",
         help="delete this bank's stale copies: other builds' and unsuffixed names",
     )
-    push.set_defaults(run=_on_a_loop(_push), on_interrupt=RESUMES)
+    push.add_argument(
+        "--dtype",
+        choices=BANK_DTYPES,
+        help="convert BANK to this dtype first (as `hmem bank convert BANK OUT`), then push the "
+        "converted bank; needs --out",
+    )
+    push.add_argument(
+        "--out", type=Path, metavar="OUT", help="where --dtype writes the converted bank"
+    )
+    push.set_defaults(run=_push_run, on_interrupt=RESUMES)
 
     verify = bank_commands.add_parser(
         "verify",
@@ -95,6 +115,38 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     verify.set_defaults(run=_on_a_loop(_verify), on_interrupt=RESUMES)
     _add_generate(bank_commands)
+    _add_convert(bank_commands)
+
+
+def _add_convert(bank_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    convert = bank_commands.add_parser(
+        "convert",
+        help="write a bank's blocks in another dtype (int8: half the bytes) as a new bank",
+        description="Write the bank SRC with its blocks and generic memories stored in --dtype "
+        "as a new bank OUT: the same bank id, tree, router, anchor and tokenizer; new block "
+        "bytes and sha256s. int8 (FFN banks only) stores int8 weights with a float32 scale per "
+        "memory neuron: about half the bytes of bf16, within half a scale step of each value. "
+        "OUT appears whole or not at all; the same command over a finished conversion does "
+        "nothing. Then push it as any bank: hmem bank push OUT --tier ... (its copies have new "
+        "names; --prune deletes the old dtype's copies from those tiers).",
+    )
+    convert.add_argument("src", type=Path, metavar="SRC", help="the bank directory to convert")
+    convert.add_argument("out", type=Path, metavar="OUT", help="the new bank directory")
+    convert.add_argument(
+        "--dtype", choices=BANK_DTYPES, required=True, help="the converted blocks' dtype"
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace a bank at OUT that is another one"
+    )
+    convert.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=4,
+        metavar="N",
+        help="blocks converted at once (default 4)",
+    )
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    convert.set_defaults(run=_convert, on_interrupt=CONVERT_STARTS_OVER)
 
 
 def _add_generate(bank_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -119,6 +171,12 @@ def _add_generate(bank_commands: argparse._SubParsersAction[argparse.ArgumentPar
     gen.add_argument("--endpoint-url", metavar="URL", help="S3-compatible endpoint for s3:// tiers")
     gen.add_argument("--region", metavar="REGION", help="S3 region for s3:// tiers")
     gen.add_argument("--seed", type=int, default=0, help="random seed of every weight")
+    gen.add_argument(
+        "--dtype",
+        choices=BANK_DTYPES,
+        help="the blocks' dtype (default: the shape's, bfloat16); int8: the bf16 weights "
+        "quantized, int8 with a float32 scale per neuron. The anchor keeps the shape's dtype",
+    )
     gen.add_argument("--bank-id", metavar="ID", help="bank id (default: the shape's name)")
     gen.add_argument(
         "--concurrency", type=_positive, default=8, metavar="N", help="blocks in flight"
@@ -227,6 +285,57 @@ def _levels_of(config: StoreConfig) -> dict[str, str]:
     return {name: ",".join(map(str, ls)) for name, ls in levels.items()}
 
 
+def _push_run(args: argparse.Namespace) -> int:
+    """`push`, after converting BANK into OUT when --dtype is given (synchronously: Ctrl-C stops
+    the conversion at once, leaving nothing)."""
+    if args.dtype is None:
+        if args.out is not None:
+            raise ConfigError("--out names where --dtype writes the converted bank: give both")
+    elif args.out is None:
+        raise ConfigError(
+            "--dtype needs --out OUT: a converted bank is a new bank directory, which is pushed"
+        )
+    else:
+        src = _bank_dir(args)
+        report = convert_bank(
+            src,
+            args.out,
+            dtype=args.dtype,
+            concurrency=args.concurrency,
+            progress=not args.no_progress,
+        )
+        _print_convert(src, args.out, args.dtype, report)
+        args.bank = args.out
+    return asyncio.run(_push(args))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    report = convert_bank(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        concurrency=args.concurrency,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
+    _print_convert(args.src, args.out, args.dtype, report)
+    if not report.complete:
+        print(f"push it: hmem bank push {args.out} --tier LEVEL=URI ... (or --config SETTINGS)")
+    return 0
+
+
+def _print_convert(src: Path, out: Path, dtype: str, report: ConvertReport) -> None:
+    if report.complete:
+        print(f"{out}: already holds this build of {src} converted to {dtype}; nothing to do")
+        return
+    ratio = report.bytes_written / report.source_bytes if report.source_bytes else 0.0
+    print(
+        f"converted {report.blocks} blocks of {src} to {dtype} in {out}: "
+        f"{report.source_bytes / 2**20:.2f} MiB -> {report.bytes_written / 2**20:.2f} MiB "
+        f"({ratio:.3f}x) in {report.seconds:.1f} s"
+    )
+
+
 async def _push(args: argparse.Namespace) -> int:
     bank = Bank.open(_bank_dir(args), require_anchor=False)
     config = _store_config(args, bank)
@@ -327,6 +436,8 @@ def _print_verify(bank: Bank, config: StoreConfig, report: VerifyReport) -> None
 
 async def _generate(args: argparse.Namespace) -> int:
     shape = SHAPES[args.shape]
+    if args.dtype is not None:
+        shape = shape.with_dtype(args.dtype)
     bank_id = args.bank_id or shape.name
     config = placement_from_flags(
         args.tier,

@@ -102,7 +102,16 @@ BAD: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "branching": (setter("branching", 1), "branching: .*greater than or equal to 2"),
     "widths length": (setter("widths", [8, 4]), "widths: 2 widths given for 3 levels"),
     "negative width": (setter("widths", [8, -1, 0]), r"widths\.1: .*greater than or equal to 0"),
-    "dtype": (setter("dtype", "int8"), "dtype: Input should be"),
+    "dtype": (setter("dtype", "int4"), "dtype: Input should be"),
+    "int8 lora": (
+        lambda d: d.update(memory_type="lora", lora_targets=["q"], dtype="int8"),
+        "dtype: int8 storage is for ffn memories only, not lora; store a lora bank in float32, "
+        "bfloat16, float16",
+    ),
+    "int8 kv": (
+        lambda d: d.update(memory_type="kv", dtype="int8"),
+        "dtype: int8 storage is for ffn memories only, not kv",
+    ),
     "model field": (setter("model.d_model", 0), r"model\.d_model: .*greater than 0"),
     "model gqa": (setter("model.n_kv_heads", 3), "n_kv_heads .* must divide n_heads"),
     "model extra": (setter("model.vocab", 5), r"model\.vocab: Extra inputs"),
