@@ -106,6 +106,9 @@ class Runtime:
                 executor, partial(load_anchor, bank.anchor_dir, dtype=dtype, device=settings.device)
             )
             model.fuse_projections()  # q/k/v and gate/up as one matmul each: the same outputs
+            if settings.weights == "int8":
+                # Half the bytes read per token (server/model/quant.py); seconds at 160M.
+                await loop.run_in_executor(executor, model.quantize_int8)
             tokenizer = AnchorTokenizer.from_dir(
                 bank.anchor_dir,
                 model.config,

@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # The engine.
     device: Literal["cpu", "cuda"] = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
+    weights: Literal["float", "int8"] = Field(
+        "float",
+        description="the anchor's projection and output weights: in `dtype`, or int8 with a "
+        "scale per output channel (half the bytes held and read per token; docs/serving.md)",
+    )
     max_batch: int = Field(16, ge=1, le=1024, description="sequences decoded together")
     context_length: int | None = Field(
         None,

@@ -18,8 +18,8 @@ from server.settings import Settings, load_settings
 
 # Flags that set the setting of the same name.
 SETTING_FLAGS = (
-    "bank", "data_dir", "host", "port", "device", "dtype", "cloud_endpoint", "chat_template",
-    "context_length",
+    "bank", "data_dir", "host", "port", "device", "dtype", "weights", "cloud_endpoint",
+    "chat_template", "context_length",
 )  # fmt: skip
 # The --replicas flags that are `ClusterOptions` of the same name (server/cluster/app.py).
 CLUSTER_OPTION_FLAGS = ("routing", "replica_cpus", "max_replicas_per_node", "spill")
@@ -40,7 +40,15 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000; 0: any free port)")
     s.add_argument("--device", choices=["cpu", "cuda"])
-    s.add_argument("--dtype", choices=["float32", "bfloat16"])
+    s.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="compute dtype (default float32)"
+    )
+    s.add_argument(
+        "--weights",
+        choices=["float", "int8"],
+        help="anchor weights in the compute dtype, or int8 with a scale per output channel "
+        "(half the bytes per token; default float)",
+    )
     s.add_argument("--cloud-endpoint", metavar="URL", help="S3 endpoint for the deepest level")
     s.add_argument(
         "--chat-template",

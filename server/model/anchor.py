@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from server.model.config import AnchorConfig
 from server.model.errors import ModelError
 from server.model.memory_batch import FFNMemoryBatch, KVMemoryBatch, LoRAMemoryBatch, MemoryBatch
+from server.model.quant import Int8Weight, int8_matmul, linear
 
 
 class RMSNorm(nn.Module):
@@ -28,10 +29,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 whatever the model dtype, as the reference implementation does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32 whatever the model dtype, as the reference implementation does
+        # (one fused kernel: a decode step is mostly per-op cost at this size).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def rope_cos_sin(
@@ -50,14 +50,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x [B, H, T, hd] by the angles (halves layout, as in Hugging Face Llama)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    return torch.addcmul(x * cos[:, None], rotated, sin[:, None])
+
+
+# One layer's FFN memory: gate and up [B,2R,d], down [B,d,R]; for int8 ones also the scales of
+# gate and up [B,2R] and of down [B,R], and the unit output scale [d] (else None, None, None).
+FFNLayerMemory = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
 
 
 @dataclass(frozen=True, slots=True)
 class LayerMemory:
     """One layer's slice of a `MemoryBatch`."""
 
-    ffn: tuple[Tensor, Tensor] | None = None  # gate and up [B,2R,d], down [B,d,R]
+    ffn: FFNLayerMemory | None = None
     lora: dict[str, tuple[Tensor, Tensor]] | None = None  # target -> a [B,R,in], b [B,out,R]
     kv: tuple[Tensor, Tensor, Tensor] | None = None  # k, v [B,n_kv,R,hd], valid [B,R]
 
@@ -80,7 +85,19 @@ def layer_memories(memory: MemoryBatch | None, n_layers: int) -> list[LayerMemor
     if memory is None:
         return [NO_MEMORY] * n_layers
     if isinstance(memory, FFNMemoryBatch):
-        return [LayerMemory(ffn=(memory.gate_up[i], memory.down[i])) for i in range(n_layers)]
+        gs, ds, ones = memory.gate_up_scale, memory.down_scale, memory.ones
+        return [
+            LayerMemory(
+                ffn=(
+                    memory.gate_up[i],
+                    memory.down[i],
+                    None if gs is None else gs[i],
+                    None if ds is None else ds[i],
+                    ones,
+                )
+            )
+            for i in range(n_layers)
+        ]
     if isinstance(memory, LoRAMemoryBatch):
         return [
             LayerMemory(lora={t: (memory.a[t][i], memory.b[t][i]) for t in memory.a})
@@ -100,6 +117,12 @@ def _fuse_linears(*linears: nn.Linear) -> Tensor:
         lin.weight = nn.Parameter(fused[start : start + n], requires_grad=False)
         start += n
     return fused
+
+
+def _release(*linears: nn.Linear) -> None:
+    """Drop the float weights of linears that are now served from int8 copies."""
+    for lin in linears:
+        lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
 
 
 class KVCache:
@@ -132,15 +155,27 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
-    def write(
-        self, layer: int, positions: Tensor, k: Tensor, v: Tensor, span: int
-    ) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, n_kv, T, hd] at `positions` [B, T]; return keys/values [:span]."""
-        rows = torch.arange(k.shape[0], device=k.device)[:, None].expand_as(positions)
+    def write(self, layer: int, at: CacheSlots, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, n_kv, T, hd] at `at`'s positions; return keys/values [:span]."""
         # [B, S, n_kv, hd] views, indexed by (batch row, position)
-        self.k[layer].transpose(1, 2)[rows, positions] = k.transpose(1, 2)
-        self.v[layer].transpose(1, 2)[rows, positions] = v.transpose(1, 2)
-        return self.k[layer, :, :, :span], self.v[layer, :, :, :span]
+        self.k[layer].transpose(1, 2)[at.rows, at.positions] = k.transpose(1, 2)
+        self.v[layer].transpose(1, 2)[at.rows, at.positions] = v.transpose(1, 2)
+        return self.k[layer, :, :, : at.span], self.v[layer, :, :, : at.span]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSlots:
+    """Where one forward pass writes in a `KVCache`: the same for every layer, so made once."""
+
+    cache: KVCache
+    positions: Tensor  # [B, T]
+    rows: Tensor  # [B, T]: each token's batch row
+    span: int  # positions 0..span-1 are attended to
+
+    @classmethod
+    def of(cls, cache: KVCache, positions: Tensor, span: int) -> CacheSlots:
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        return cls(cache, positions, rows.expand_as(positions), span)
 
 
 class Attention(nn.Module):
@@ -152,11 +187,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
-        self._qkv: Tensor | None = None  # set by `fuse`: q, k and v weights in one tensor
+        self._qkv: Tensor | Int8Weight | None = None  # set by `fuse`: q, k and v in one weight
+        self._o: Int8Weight | None = None  # set by `quantize`
+        self._splits = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)  # q and k widths
 
     def fuse(self) -> None:
         """Serve q, k and v from one matmul: their weights become views of one tensor."""
         self._qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+
+    def quantize(self) -> None:
+        """Serve from int8 weights (after `fuse`); the float weights are released."""
+        assert isinstance(self._qkv, Tensor), "fuse before quantizing"
+        self._qkv, self._o = Int8Weight.of(self._qkv), Int8Weight.of(self.o_proj.weight)
+        _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
         self,
@@ -164,27 +207,35 @@ class Attention(nn.Module):
         *,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         mem: LayerMemory,
-        cache: tuple[KVCache, int, Tensor, int] | None,
+        cache: tuple[CacheSlots, int] | None,
     ) -> Tensor:
         B, T, _ = x.shape
-        if self._qkv is None:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        H, Hkv, hd = self.n_heads, self.n_kv_heads, self.head_dim
+        if self._qkv is not None and mem.lora is None:
+            # One matmul, one rotation of queries and keys together, views for the rest.
+            qkv = linear(x, self._qkv).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # [B, H + Hkv, T, hd]
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
         else:
-            qkv, nq, nk = F.linear(x, self._qkv), self.q_proj.out_features, self.k_proj.out_features
-            q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
-        q = _plus(q, mem.lora_delta("q", x))
-        k = _plus(k, mem.lora_delta("k", x))
-        v = _plus(v, mem.lora_delta("v", x))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            if self._qkv is None:
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            else:
+                nq, nk = self._splits
+                qkv = linear(x, self._qkv)
+                q, k, v = qkv[..., :nq], qkv[..., nq : nq + nk], qkv[..., nq + nk :]
+            q = _plus(q, mem.lora_delta("q", x))
+            k = _plus(k, mem.lora_delta("k", x))
+            v = _plus(v, mem.lora_delta("v", x))
+            q = q.view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+            k = k.view(B, T, Hkv, hd).transpose(1, 2)  # [B, Hkv, T, hd]
+            v = v.view(B, T, Hkv, hd).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            store, layer, positions, span = cache
-            k, v = store.write(layer, positions, k, v, span)  # [B, Hkv, S, hd]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            slots, layer = cache
+            k, v = slots.cache.write(layer, slots, k, v)  # [B, Hkv, S, hd]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
         if mem.kv is not None:
             mk, mv, valid = mem.kv
             # Memory slots: no causal mask, no positions; padded slots masked out.
@@ -194,7 +245,8 @@ class Attention(nn.Module):
             has_any = valid.any(dim=1)[:, None, None, None]
             out = out + torch.where(has_any, extra, torch.zeros_like(extra))
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*hd]
-        return _plus(self.o_proj(out), mem.lora_delta("o", out))
+        o = self.o_proj(out) if self._o is None else self._o(out)
+        return _plus(o, mem.lora_delta("o", out))
 
 
 class MLP(nn.Module):
@@ -203,29 +255,54 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
-        self._gate_up: Tensor | None = None  # set by `fuse`
+        self._gate_up: Tensor | Int8Weight | None = None  # set by `fuse`
+        self._down: Int8Weight | None = None  # set by `quantize`
+        self._inner = config.intermediate_size
 
     def fuse(self) -> None:
         """Serve gate and up from one matmul: their weights become views of one tensor."""
         self._gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
+    def quantize(self) -> None:
+        """Serve from int8 weights (after `fuse`); the float weights are released."""
+        assert isinstance(self._gate_up, Tensor), "fuse before quantizing"
+        self._gate_up = Int8Weight.of(self._gate_up)
+        self._down = Int8Weight.of(self.down_proj.weight)
+        _release(self.gate_proj, self.up_proj, self.down_proj)
+
     def forward(self, x: Tensor, mem: LayerMemory) -> Tensor:
         if self._gate_up is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gu, n = F.linear(x, self._gate_up), self.gate_proj.out_features
+            gu, n = linear(x, self._gate_up), self._inner
             gate, up = gu[..., :n], gu[..., n:]
         gate = _plus(gate, mem.lora_delta("gate", x))
         up = _plus(up, mem.lora_delta("up", x))
         h = F.silu(gate) * up
-        y = _plus(self.down_proj(h), mem.lora_delta("down", h))
+        y = self.down_proj(h) if self._down is None else self._down(h)
+        y = _plus(y, mem.lora_delta("down", h))
         if mem.ffn is not None:
-            gate_up, md = mem.ffn
-            # The memory's R neurons: x [B,T,d] -> [B,T,2R] (gate and up in one matmul: at one
-            # token a step is mostly per-call cost) -> [B,T,R] -> [B,T,d], batched per sequence.
-            gu, r = torch.bmm(x, gate_up.transpose(1, 2)), md.shape[-1]
-            y = y + torch.bmm(F.silu(gu[..., :r]) * gu[..., r:], md.transpose(1, 2))
+            y = y + _ffn_memory(x, mem.ffn)
         return y
+
+
+def _ffn_memory(x: Tensor, ffn: FFNLayerMemory) -> Tensor:
+    """The memory's R neurons of each sequence: x [B,T,d] -> [B,T,2R] (gate and up in one
+    matmul: at one token a step is mostly per-call cost) -> [B,T,R] -> [B,T,d]."""
+    gate_up, down, gu_scale, down_scale, ones = ffn
+    r = down.shape[-1]
+    if gu_scale is None:  # float: batched over sequences
+        gu = torch.bmm(x, gate_up.transpose(1, 2))
+        return torch.bmm(F.silu(gu[..., :r]) * gu[..., r:], down.transpose(1, 2))
+    assert down_scale is not None
+    assert ones is not None
+    # int8: each sequence's own weights, read as int8 (one matmul per sequence and matrix).
+    out = []
+    for b in range(x.shape[0]):
+        gu = int8_matmul(x[b], gate_up[b], gu_scale[b])  # [T, 2R]
+        h = F.silu(gu[:, :r]) * gu[:, r:] * down_scale[b]  # down's scale is per neuron
+        out.append(int8_matmul(h, down[b], ones))
+    return torch.stack(out)
 
 
 class DecoderLayer(nn.Module):
@@ -242,9 +319,9 @@ class DecoderLayer(nn.Module):
         *,
         cos: Tensor,
         sin: Tensor,
-        mask: Tensor,
+        mask: Tensor | None,
         mem: LayerMemory,
-        cache: tuple[KVCache, int, Tensor, int] | None,
+        cache: tuple[CacheSlots, int] | None,
     ) -> Tensor:
         attn: Tensor = self.self_attn(
             self.input_layernorm(x), cos=cos, sin=sin, mask=mask, mem=mem, cache=cache
@@ -272,6 +349,8 @@ class Anchor(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._head: Int8Weight | None = None  # set by `quantize_int8`
+        self._table: Int8Weight | None = None  # the int8 embedding table, when tied
 
     def fuse_projections(self) -> Anchor:
         """For serving: q/k/v and gate/up each computed by one matmul (fewer, larger matrix
@@ -282,6 +361,33 @@ class Anchor(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         return self
+
+    def quantize_int8(self) -> Anchor:
+        """For serving from int8 weights (`server.model.quant`): every projection of every
+        layer and the output table, one scale per output channel. The embedding table, when tied
+        to the output, is that same int8 table (a lookup widens only the rows it reads); norms
+        stay float. Fuses the projections first; the float weights are released, so the model
+        holds about half the bytes and a decode step reads about half."""
+        if self._head is not None:
+            return self
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            if layer.self_attn._qkv is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+            layer.self_attn.quantize()
+            layer.mlp.quantize()
+        self._head = Int8Weight.of(self.lm_head.weight)
+        if self.config.tie_embeddings:
+            self._table = self._head
+            embed = self.model.embed_tokens
+            embed.weight = nn.Parameter(embed.weight.new_empty(0, self.config.d_model), False)
+        self.lm_head.weight = nn.Parameter(self.lm_head.weight.new_empty(0), requires_grad=False)
+        return self
+
+    @property
+    def quantized(self) -> bool:
+        return self._head is not None
 
     def forward(
         self,
@@ -307,13 +413,18 @@ class Anchor(nn.Module):
         limit = cache.max_len if cache is not None else c.max_seq_len
         if span > limit:
             raise ModelError(f"position {span - 1} is past the context length {limit}")
-        x = self.model.embed_tokens(tokens)  # [B, T, d]
+        x = self.model.embed_tokens(tokens) if self._table is None else self._table.rows(tokens)
         cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, x.dtype)
-        if cache is not None:
-            key_pos = torch.arange(span, device=tokens.device)[None, None, :]  # [1, 1, S]
+        slots = None if cache is None else CacheSlots.of(cache, positions, span)
+        mask: Tensor | None
+        if cache is not None and T == 1 and B == 1:
+            mask = None  # one token of one sequence attends to every cached position
         else:
-            key_pos = positions[:, None, :]  # [B, 1, T]
-        mask = (key_pos <= positions[:, :, None])[:, None]  # [B, 1, T, S]
+            if cache is not None:
+                key_pos = torch.arange(span, device=tokens.device)[None, None, :]  # [1, 1, S]
+            else:
+                key_pos = positions[:, None, :]  # [B, 1, T]
+            mask = (key_pos <= positions[:, :, None])[:, None]  # [B, 1, T, S]
         for i, (layer, mem) in enumerate(
             zip(self.model.layers, layer_memories(memory, c.n_layers), strict=True)
         ):
@@ -323,7 +434,8 @@ class Anchor(nn.Module):
                 sin=sin,
                 mask=mask,
                 mem=mem,
-                cache=None if cache is None else (cache, i, positions, span),
+                cache=None if slots is None else (slots, i),
             )
-        logits: Tensor = self.lm_head(self.model.norm(x))  # [B, T, vocab]
+        h = self.model.norm(x)
+        logits: Tensor = self.lm_head(h) if self._head is None else self._head(h)  # [B, T, V]
         return logits

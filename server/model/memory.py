@@ -10,6 +10,11 @@ contiguous tensors that the codec can view straight out of the bytes a tier retu
 | `lora` | `{target}.a`, `{target}.b` for each target | `[L, r, in]`, `[L, out, r]` |
 | `kv`   | `k`, `v` | `[L, n_kv_heads, r, head_dim]` each |
 
+An FFN block may be stored in int8 (`server.model.quant`): `gate`, `up` and `down` are int8 and
+each has a float32 scale per memory neuron, `gate.scale`, `up.scale` and `down.scale`, all
+`[L, r]`. For `gate` and `up` that is one scale per output row; for `down` one per input column
+(neuron), so that a path's blocks, concatenated along `r`, keep their own scales: `down · (s ⊙ h)`.
+
 FFN-memories add `r` neurons to every layer's SwiGLU: `down · (silu(gate · x) * (up · x))` is
 added to the FFN output. LoRA-memories add `b · (a · x)` to a projection's output (`q`, `k`,
 `v`, `o` of attention, `gate`, `up`, `down` of the FFN). KV-memories are `r` learned key/value
@@ -27,6 +32,7 @@ import torch
 from torch import Tensor
 
 from server.model.errors import MemoryFormatError
+from server.model.quant import dequantize_int8, quantize_int8
 
 __all__ = [
     "LORA_TARGETS",
@@ -38,6 +44,7 @@ __all__ = [
     "MemoryType",
     "block_from_tensors",
     "memory_type_of",
+    "quantize_block",
     "zeros_like_block",
 ]
 
@@ -50,18 +57,30 @@ class MemoryType(enum.StrEnum):
     KV = "kv"
 
 
+FFN_SCALES = ("gate.scale", "up.scale", "down.scale")
+
+
 @dataclass(frozen=True, slots=True)
 class FFNBlock:
     gate: Tensor  # [L, r, d]
     up: Tensor  # [L, r, d]
     down: Tensor  # [L, d, r]
+    # int8 blocks: float32 scales [L, r] each (per neuron); None for float blocks.
+    scales: tuple[Tensor, Tensor, Tensor] | None = None
 
     @property
     def width(self) -> int:
         return int(self.gate.shape[1])
 
+    @property
+    def quantized(self) -> bool:
+        return self.scales is not None
+
     def tensors(self) -> dict[str, Tensor]:
-        return {"gate": self.gate, "up": self.up, "down": self.down}
+        out = {"gate": self.gate, "up": self.up, "down": self.down}
+        if self.scales is not None:
+            out.update(zip(FFN_SCALES, self.scales, strict=True))
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +134,7 @@ def _need(tensors: Mapping[str, Tensor], name: str, ndim: int) -> Tensor:
 def block_from_tensors(memory_type: MemoryType, tensors: Mapping[str, Tensor]) -> MemoryBlock:
     """Assemble a block from named tensors, checking names and that the shapes agree."""
     if memory_type is MemoryType.FFN:
-        unknown = set(tensors) - {"gate", "up", "down"}
+        unknown = set(tensors) - {"gate", "up", "down", *FFN_SCALES}
         gate, up, down = (_need(tensors, n, 3) for n in ("gate", "up", "down"))
         L, r, d = gate.shape
         if up.shape != gate.shape or down.shape != (L, d, r):
@@ -123,7 +142,7 @@ def block_from_tensors(memory_type: MemoryType, tensors: Mapping[str, Tensor]) -
                 f"ffn block shapes disagree: gate {tuple(gate.shape)}, up {tuple(up.shape)}, "
                 f"down {tuple(down.shape)} (expected down {(L, d, r)})"
             )
-        block: MemoryBlock = FFNBlock(gate, up, down)
+        block: MemoryBlock = FFNBlock(gate, up, down, _ffn_scales(tensors, gate, (L, r)))
     elif memory_type is MemoryType.LORA:
         targets = sorted({name.rsplit(".", 1)[0] for name in tensors})
         unknown = {
@@ -153,6 +172,58 @@ def block_from_tensors(memory_type: MemoryType, tensors: Mapping[str, Tensor]) -
     if unknown:
         raise MemoryFormatError(f"unexpected tensors in a {memory_type} block: {sorted(unknown)}")
     return block
+
+
+def _ffn_scales(
+    tensors: Mapping[str, Tensor], gate: Tensor, shape: tuple[int, int]
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """An FFN block's scales: all three with int8 weights, none with float ones."""
+    present = [n for n in FFN_SCALES if n in tensors]
+    weights_int8 = {tensors[n].dtype == torch.int8 for n in ("gate", "up", "down")}
+    if len(weights_int8) != 1:
+        raise MemoryFormatError("ffn block mixes int8 and float weights")
+    if not weights_int8.pop():
+        if present:
+            raise MemoryFormatError(f"ffn block of float weights has scales {present}")
+        return None
+    if len(present) != len(FFN_SCALES):
+        missing = sorted(set(FFN_SCALES) - set(present))
+        raise MemoryFormatError(f"int8 ffn block is missing its scales {missing}")
+    scales = tuple(tensors[n] for n in FFN_SCALES)
+    for name, t in zip(FFN_SCALES, scales, strict=True):
+        if tuple(t.shape) != shape or not t.is_floating_point():
+            raise MemoryFormatError(
+                f"scale {name!r}: {t.dtype} {list(t.shape)}, expected floats of {list(shape)}"
+            )
+    return scales[0], scales[1], scales[2]
+
+
+def quantize_block(block: MemoryBlock) -> FFNBlock:
+    """An FFN block in int8 with a float32 scale per neuron (see the module docstring). Only FFN
+    memories are stored in int8: LoRA and KV blocks raise `MemoryFormatError`."""
+    if not isinstance(block, FFNBlock):
+        raise MemoryFormatError(
+            f"int8 storage holds ffn memories only, not {memory_type_of(block)} memories"
+        )
+    if block.quantized:
+        return block
+    gate, gate_s = quantize_int8(block.gate, dim=-1)  # a scale per row r
+    up, up_s = quantize_int8(block.up, dim=-1)
+    down, down_s = quantize_int8(block.down, dim=-2)  # a scale per column r
+    return FFNBlock(gate, up, down, (gate_s, up_s, down_s))
+
+
+def dequantize_block(block: MemoryBlock, dtype: torch.dtype) -> MemoryBlock:
+    """A block in float `dtype` (an int8 FFN block widened; any other block cast)."""
+    if isinstance(block, FFNBlock) and block.scales is not None:
+        gs, us, ds = block.scales
+        return FFNBlock(
+            dequantize_int8(block.gate, gs, dim=-1, dtype=dtype),
+            dequantize_int8(block.up, us, dim=-1, dtype=dtype),
+            dequantize_int8(block.down, ds, dim=-2, dtype=dtype),
+        )
+    tensors = {n: t.to(dtype) for n, t in block.tensors().items()}
+    return block_from_tensors(memory_type_of(block), tensors)
 
 
 def zeros_like_block(block: MemoryBlock) -> MemoryBlock:
