@@ -10,6 +10,7 @@ sequences of different lengths in one batch all use the same path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from server.model.config import AnchorConfig
 from server.model.errors import ModelError
 from server.model.memory_batch import FFNMemoryBatch, KVMemoryBatch, LoRAMemoryBatch, MemoryBatch
-from server.model.quant import Int8Weight, int8_matmul, linear
+from server.model.quant import Int8Weight, PackedWeight, ServingWeight, int8_matmul, linear
 
 
 class RMSNorm(nn.Module):
@@ -187,18 +188,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.n_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_heads * c.head_dim, c.d_model, bias=False)
-        self._qkv: Tensor | Int8Weight | None = None  # set by `fuse`: q, k and v in one weight
-        self._o: Int8Weight | None = None  # set by `quantize`
+        self._qkv: ServingWeight | None = None  # set by `fuse`: q, k and v in one weight
+        self._o: ServingWeight | None = None  # set by `serve_from`
         self._splits = (c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim)  # q and k widths
 
     def fuse(self) -> None:
         """Serve q, k and v from one matmul: their weights become views of one tensor."""
         self._qkv = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
-    def quantize(self) -> None:
-        """Serve from int8 weights (after `fuse`); the float weights are released."""
-        assert isinstance(self._qkv, Tensor), "fuse before quantizing"
-        self._qkv, self._o = Int8Weight.of(self._qkv), Int8Weight.of(self.o_proj.weight)
+    def serve_from(self, convert: Callable[[Tensor], ServingWeight]) -> None:
+        """Serve from `convert`ed weights (after `fuse`); the float weights are released."""
+        assert isinstance(self._qkv, Tensor), "fuse before converting"
+        self._qkv, self._o = convert(self._qkv), convert(self.o_proj.weight)
         _release(self.q_proj, self.k_proj, self.v_proj, self.o_proj)
 
     def forward(
@@ -245,7 +246,7 @@ class Attention(nn.Module):
             has_any = valid.any(dim=1)[:, None, None, None]
             out = out + torch.where(has_any, extra, torch.zeros_like(extra))
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H*hd]
-        o = self.o_proj(out) if self._o is None else self._o(out)
+        o = self.o_proj(out) if self._o is None else linear(out, self._o)
         return _plus(o, mem.lora_delta("o", out))
 
 
@@ -255,19 +256,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
-        self._gate_up: Tensor | Int8Weight | None = None  # set by `fuse`
-        self._down: Int8Weight | None = None  # set by `quantize`
+        self._gate_up: ServingWeight | None = None  # set by `fuse`
+        self._down: ServingWeight | None = None  # set by `serve_from`
         self._inner = config.intermediate_size
 
     def fuse(self) -> None:
         """Serve gate and up from one matmul: their weights become views of one tensor."""
         self._gate_up = _fuse_linears(self.gate_proj, self.up_proj)
 
-    def quantize(self) -> None:
-        """Serve from int8 weights (after `fuse`); the float weights are released."""
-        assert isinstance(self._gate_up, Tensor), "fuse before quantizing"
-        self._gate_up = Int8Weight.of(self._gate_up)
-        self._down = Int8Weight.of(self.down_proj.weight)
+    def serve_from(self, convert: Callable[[Tensor], ServingWeight]) -> None:
+        """Serve from `convert`ed weights (after `fuse`); the float weights are released."""
+        assert isinstance(self._gate_up, Tensor), "fuse before converting"
+        self._gate_up, self._down = convert(self._gate_up), convert(self.down_proj.weight)
         _release(self.gate_proj, self.up_proj, self.down_proj)
 
     def forward(self, x: Tensor, mem: LayerMemory) -> Tensor:
@@ -279,7 +279,7 @@ class MLP(nn.Module):
         gate = _plus(gate, mem.lora_delta("gate", x))
         up = _plus(up, mem.lora_delta("up", x))
         h = F.silu(gate) * up
-        y = self.down_proj(h) if self._down is None else self._down(h)
+        y = self.down_proj(h) if self._down is None else linear(h, self._down)
         y = _plus(y, mem.lora_delta("down", h))
         if mem.ffn is not None:
             y = y + _ffn_memory(x, mem.ffn)
@@ -291,8 +291,11 @@ def _ffn_memory(x: Tensor, ffn: FFNLayerMemory) -> Tensor:
     matmul: at one token a step is mostly per-call cost) -> [B,T,R] -> [B,T,d]."""
     gate_up, down, gu_scale, down_scale, ones = ffn
     r = down.shape[-1]
-    if gu_scale is None:  # float: batched over sequences
-        gu = torch.bmm(x, gate_up.transpose(1, 2))
+    if gu_scale is None:
+        if x.shape[0] == 1:  # one sequence: a plain matmul (bf16 bmm is 3-4x slower on CPUs)
+            gu = F.linear(x, gate_up[0])
+            return F.linear(F.silu(gu[..., :r]) * gu[..., r:], down[0])
+        gu = torch.bmm(x, gate_up.transpose(1, 2))  # batched over sequences
         return torch.bmm(F.silu(gu[..., :r]) * gu[..., r:], down.transpose(1, 2))
     assert down_scale is not None
     assert ones is not None
@@ -302,7 +305,7 @@ def _ffn_memory(x: Tensor, ffn: FFNLayerMemory) -> Tensor:
         gu = int8_matmul(x[b], gate_up[b], gu_scale[b])  # [T, 2R]
         h = F.silu(gu[:, :r]) * gu[:, r:] * down_scale[b]  # down's scale is per neuron
         out.append(int8_matmul(h, down[b], ones))
-    return torch.stack(out)
+    return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
 
 
 class DecoderLayer(nn.Module):
@@ -349,7 +352,7 @@ class Anchor(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._head: Int8Weight | None = None  # set by `quantize_int8`
+        self._head: ServingWeight | None = None  # set by `quantize_int8` or `pack_weights`
         self._table: Int8Weight | None = None  # the int8 embedding table, when tied
 
     def fuse_projections(self) -> Anchor:
@@ -369,14 +372,8 @@ class Anchor(nn.Module):
         stay float. Fuses the projections first; the float weights are released, so the model
         holds about half the bytes and a decode step reads about half."""
         if self._head is not None:
-            return self
-        for layer in self.model.layers:
-            assert isinstance(layer, DecoderLayer)
-            if layer.self_attn._qkv is None:
-                layer.self_attn.fuse()
-                layer.mlp.fuse()
-            layer.self_attn.quantize()
-            layer.mlp.quantize()
+            raise ModelError("the weights are already converted for serving")
+        self._serve_layers_from(Int8Weight.of)
         self._head = Int8Weight.of(self.lm_head.weight)
         if self.config.tie_embeddings:
             self._table = self._head
@@ -385,9 +382,33 @@ class Anchor(nn.Module):
         self.lm_head.weight = nn.Parameter(self.lm_head.weight.new_empty(0), requires_grad=False)
         return self
 
+    def pack_weights(self) -> Anchor:
+        """For serving bf16 on the CPU: every projection and the output layer packed into
+        oneDNN's layout (`PackedWeight`: the same products, read faster at one token). A no-op
+        where that does not apply (another dtype or device, no oneDNN). The projections' float
+        weights are released; a tied embedding table stays, for lookups."""
+        if self._head is not None:
+            raise ModelError("the weights are already converted for serving")
+        if not PackedWeight.available(self.lm_head.weight):
+            return self
+        self._serve_layers_from(PackedWeight.of)
+        self._head = PackedWeight.of(self.lm_head.weight)
+        if not self.config.tie_embeddings:
+            self.lm_head.weight = nn.Parameter(self.lm_head.weight.new_empty(0), False)
+        return self
+
+    def _serve_layers_from(self, convert: Callable[[Tensor], ServingWeight]) -> None:
+        for layer in self.model.layers:
+            assert isinstance(layer, DecoderLayer)
+            if layer.self_attn._qkv is None:
+                layer.self_attn.fuse()
+                layer.mlp.fuse()
+            layer.self_attn.serve_from(convert)
+            layer.mlp.serve_from(convert)
+
     @property
     def quantized(self) -> bool:
-        return self._head is not None
+        return isinstance(self._head, Int8Weight)
 
     def forward(
         self,
@@ -437,5 +458,5 @@ class Anchor(nn.Module):
                 cache=None if slots is None else (slots, i),
             )
         h = self.model.norm(x)
-        logits: Tensor = self.lm_head(h) if self._head is None else self._head(h)  # [B, T, V]
-        return logits
+        logits: Tensor = self.lm_head(h) if self._head is None else linear(h, self._head)
+        return logits  # [B, T, vocab]

@@ -16,7 +16,7 @@ from server.model.memory import (
     quantize_block,
 )
 from server.model.memory_batch import FFNMemoryBatch, build_memory_batch
-from server.model.quant import INT8_K_ALIGN, Int8Weight, int8_matmul, quantize_int8
+from server.model.quant import INT8_K_ALIGN, Int8Weight, PackedWeight, int8_matmul, quantize_int8
 from tests.server.model.conftest import CFG, anchor, random_block
 
 # d_model 64 and head widths that are multiples of 16: every projection takes the int8 kernel.
@@ -157,3 +157,25 @@ def test_a_batch_refuses_int8_and_float_blocks_together() -> None:
     block = random_block(MemoryType.FFN, 4, seed=7)
     with pytest.raises(MemoryFormatError, match="mixes int8 and float"):
         build_memory_batch([[block], [quantize_block(block)]], dtype=torch.float32)
+
+
+def test_packed_bf16_weights_give_the_plain_products() -> None:
+    ref = anchor(ALIGNED, seed=8).to(torch.bfloat16).fuse_projections()
+    model = anchor(ALIGNED, seed=8).to(torch.bfloat16).pack_weights()
+    if not PackedWeight.available(ref.lm_head.weight):
+        pytest.skip("no oneDNN on this machine")
+    assert isinstance(model._head, PackedWeight)
+    tokens = torch.randint(
+        0, ALIGNED.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3)
+    )
+    memory = build_memory_batch(
+        [[random_block(MemoryType.FFN, 16, seed=9, config=ALIGNED)]], dtype=torch.bfloat16
+    )
+    with torch.no_grad():
+        for kw in ({}, {"memory": memory}):
+            rows = tokens[:1] if kw else tokens
+            out, want = model(rows, **kw).float(), ref(rows, **kw).float()  # type: ignore[arg-type]
+            assert torch.allclose(out, want, atol=0.02 * float(want.abs().max()))
+    # A float32 model is left as it is: packed, its products measured slower.
+    plain = anchor(ALIGNED, seed=8).pack_weights()
+    assert plain._head is None
