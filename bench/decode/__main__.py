@@ -1,0 +1,3 @@
+from bench.decode.main import main
+
+raise SystemExit(main())
