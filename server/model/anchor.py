@@ -158,9 +158,12 @@ class KVCache:
 
     def write(self, layer: int, at: CacheSlots, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v [B, n_kv, T, hd] at `at`'s positions; return keys/values [:span]."""
-        # [B, S, n_kv, hd] views, indexed by (batch row, position)
-        self.k[layer].transpose(1, 2)[at.rows, at.positions] = k.transpose(1, 2)
-        self.v[layer].transpose(1, 2)[at.rows, at.positions] = v.transpose(1, 2)
+        if k.shape[0] == 1:  # one row: a copy along the positions (cheaper than indexing)
+            self.k[layer].index_copy_(2, at.positions[0], k)
+            self.v[layer].index_copy_(2, at.positions[0], v)
+        else:  # [B, S, n_kv, hd] views, indexed by (batch row, position)
+            self.k[layer].transpose(1, 2)[at.rows, at.positions] = k.transpose(1, 2)
+            self.v[layer].transpose(1, 2)[at.rows, at.positions] = v.transpose(1, 2)
         return self.k[layer, :, :, : at.span], self.v[layer, :, :, : at.span]
 
 
