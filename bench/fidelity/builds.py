@@ -29,8 +29,9 @@ from server.training.pipeline import ANCHOR_SIZES, BuildSettings, build_bank
 from server.training.queries import load_queries
 
 TABLE1_MODES = ("memory", "anchor", "generic")
-# The four tables, in report order: 1 accuracy by bucket, 2 memory types, 3 memory size, 4 blocking.
-TABLES = ("buckets", "types", "sizes", "blocking")
+# The tables, in report order: 1 accuracy by bucket, 2 memory types, 3 memory size, 4 blocking,
+# 5 the default build served with int8 weights (bench.fidelity.int8).
+TABLES = ("buckets", "types", "sizes", "blocking", "int8")
 
 
 @dataclass
@@ -217,6 +218,20 @@ def _pooled(report: EvalReport, mode: str, buckets: Sequence[int]) -> dict[str, 
     return pooled.as_dict()
 
 
+def accuracy_cells(report: EvalReport, rare: tuple[int, ...]) -> dict[str, Any]:
+    """Per mode of `report`: a cell per bucket, all facts, the rarest bucket and the rare ones
+    pooled (`rare`, rarest last)."""
+    return {
+        mode: {
+            "buckets": {str(b): report.tally(mode, bucket=b).as_dict() for b in report.buckets},
+            "all": report.tally(mode).as_dict(),
+            "rarest": _pooled(report, mode, rare[-1:]),
+            "rare": _pooled(report, mode, rare),
+        }
+        for mode in report.modes
+    }
+
+
 def run_eval(task: EvalTask) -> dict[str, Any]:
     """Evaluate one bank on the facts (blocked as `task` says); accuracy per mode and bucket."""
     started = time.perf_counter()
@@ -230,15 +245,7 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         blocked=blocked_sets(task, facts),
     )
     (task.bank.parent / f"eval-{task.label}.json").write_text(report.to_json())
-    accuracy = {
-        mode: {
-            "buckets": {str(b): report.tally(mode, bucket=b).as_dict() for b in report.buckets},
-            "all": report.tally(mode).as_dict(),
-            "rarest": _pooled(report, mode, task.rare[-1:]),
-            "rare": _pooled(report, mode, task.rare),
-        }
-        for mode in task.modes
-    }
+    accuracy = accuracy_cells(report, task.rare)
     return {"accuracy": accuracy, "wall_s": time.perf_counter() - started}
 
 

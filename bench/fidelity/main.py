@@ -14,6 +14,11 @@ Each finding is a markdown table in report.md, a PNG beside it, and numbers in f
    the default build, every fact has its j best-matching level-1 subtrees blocked
    (`level1_ranking`), j = 0..branching, and as the control j random ones (seeded); the fact is
    routed through the nearest unblocked subtree (`evaluate(..., blocked=...)`).
+5. int8 weights (not the paper's; the issue's quality check of `--weights int8` and int8 banks):
+   the default build's bank converted to int8 (`convert_bank`) and its anchor quantized
+   (`Anchor.quantize_int8`), against the float model, in float32 and in bfloat16: accuracy by
+   bucket with memory and the anchor alone, and the mean and max absolute difference of the
+   log-probabilities of the float model's chosen tokens (`bench.fidelity.int8`).
 
 Whether the paper's ordering holds here (FFN > LoRA > KV, more memory better, best-first blocking
 worse than random, memory beats the anchor on the rarest bucket) is computed from the numbers.
@@ -28,7 +33,7 @@ finish; each writes its predictions beside its bank (`eval-<label>.json`).
 
     python -m bench.fidelity [--source synthetic|geonames | --corpus DIR] [--quick]
                              [--jobs N] [--scales 0.5,1,2] [--out bench/out/fidelity]
-                             [--only buckets,types,sizes,blocking]
+                             [--only buckets,types,sizes,blocking,int8]
 
 --only runs a subset of the tables: only the builds and evaluations they need (the default build
 always: tables 2 and 3 compare with it), and writes report.md, fidelity.json and the PNGs of just
@@ -58,6 +63,7 @@ from bench.fidelity.builds import (
     run_build,
     run_eval,
 )
+from bench.fidelity.int8 import Int8Task, run_int8
 from bench.fidelity.markdown import report_markdown
 from bench.fidelity.plots import PNGS, write_plots
 from bench.fidelity.report import summarise
@@ -223,6 +229,10 @@ def run_all(
                 left[name] = len(tasks)
                 for task in tasks:
                     pending[pool.submit(run_eval, task)] = (name, task.label)
+                if name == "ffn" and "int8" in args.only:
+                    int8 = Int8Task(name, plan.settings.out, corpus.facts, rare, args.device)
+                    left[name] += 1
+                    pending[pool.submit(run_int8, int8)] = (name, "int8")
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -294,7 +304,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=_tables,
         default=TABLES,
         metavar="TABLES",
-        help=f"the tables to produce, a comma list of {', '.join(TABLES)} (default: all four); "
+        help=f"the tables to produce, a comma list of {', '.join(TABLES)} (default: all); "
         "only their builds and evaluations run (the default build always)",
     )
     p.add_argument(

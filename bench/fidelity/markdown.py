@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bench.fidelity.builds import TABLES
-from bench.fidelity.report import GOAL_BLOCKED, GOAL_MEMORY, GOAL_RATIO, METRICS, TYPES, claims
+from bench.fidelity.report import (
+    GOAL_BLOCKED,
+    GOAL_MEMORY,
+    GOAL_RATIO,
+    METRICS,
+    TYPES,
+    claims,
+)
 
 # -- markdown -----------------------------------------------------------------------------------
 
@@ -102,6 +109,7 @@ TITLES = {
     "types": "2. FFN vs LoRA vs KV memories at equal fetched parameters",
     "sizes": "3. Accuracy against memory size (FFN)",
     "blocking": "4. Blocking",
+    "int8": "5. int8 weights against float (the default build)",
 }
 
 
@@ -281,11 +289,106 @@ def section_blocking(r: dict[str, Any], png: str) -> list[str]:
     return lines
 
 
+def _points(ref: dict[str, Any], q: dict[str, Any]) -> str:
+    return f"{100 * ((q['accuracy'] or 0.0) - (ref['accuracy'] or 0.0)):+.1f}"
+
+
+def _lp(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def section_int8(r: dict[str, Any], png: str) -> list[str]:
+    acc, info, goals = r["accuracy"]["int8"], r["int8"], r["goals"]["int8"]
+    conv = info["convert"]
+    lines = [
+        f"## {TITLES['int8']}",
+        "",
+        f"The default build's bank converted to int8 ({info['bank_int8']}): {conv['blocks']} "
+        f"blocks, {conv['float_bytes']:,} bytes as built, {conv['int8_bytes']:,} in int8 "
+        f"({conv['int8_bytes'] / max(conv['float_bytes'], 1):.2f}x); the anchor quantized at "
+        "load (`Anchor.quantize_int8`, as `hmem serve --weights int8`). Each int8 variant is "
+        "asked with the int8 bank, its float pair with the bank as built. Accuracy by bucket "
+        "(Δ: int8 minus float, in points):",
+        "",
+    ]
+    for pair, got in info["pairs"].items():
+        ref, q = acc[got["reference"]], acc[got["int8"]]
+        rows = []
+        for k in [*map(str, r["buckets"]), "all"]:
+            if k == "all":
+                row: list[object] = [k, "", sum(r["bucket_facts"].values())]
+            else:
+                hi, lo = r["bucket_mentions"][k]
+                row = [k, str(hi) if hi == lo else f"{hi}-{lo}", r["bucket_facts"][k]]
+            for mode in ("memory", "anchor"):
+                row += [cell(ref[mode][k]), cell(q[mode][k]), _points(ref[mode][k], q[mode][k])]
+            rows.append(row)
+        a, b = got["reference"], got["int8"]
+        lines += [f"**{pair} activations: {a} against {b}**", ""]
+        lines += _table(
+            [
+                "bucket",
+                "mentions",
+                "facts",
+                f"memory: {a}",
+                f"memory: {b}",
+                "Δ",
+                f"anchor: {a}",
+                f"anchor: {b}",
+                "Δ",
+            ],
+            rows,
+        )
+        lines.append("")
+    rows = []
+    for pair, got in info["pairs"].items():
+        for mode in ("memory", "anchor"):
+            lp, ch = got["logprobs"][mode], got["changed"][mode]
+            rows.append(
+                [
+                    pair,
+                    mode,
+                    *(f"{_lp(x['mean'])} / {_lp(x['max'])} ({x['tokens']})" for x in lp.values()),
+                    f"{ch['changed']} of {ch['facts']} ({ch['now_right']} / {ch['now_wrong']})",
+                ]
+            )
+    lines += [
+        "Log-probabilities of the same tokens, teacher-forced, int8 against float (absolute "
+        "difference, nats): the float model's greedy continuation (its chosen tokens) and the "
+        "expected answer:",
+        "",
+        *_table(
+            [
+                "activations",
+                "mode",
+                "chosen tokens: mean / max (tokens)",
+                "expected answer: mean / max (tokens)",
+                "continuations changed (now right / now wrong)",
+            ],
+            rows,
+        ),
+        "",
+    ]
+    for g in goals.values():
+        means = ", ".join(f"{m} {_lp(v)}" for m, v in g["logprob_mean"].items())
+        worst = g["worst_points"]
+        lines += [
+            f"Goal ({g['goal']}): mean |difference| {means}: "
+            f"{'yes' if g['logprob_met'] else 'no'}; largest bucket change with memory "
+            f"{worst['memory']:.1f} points: {'yes' if g['buckets_met'] else 'no'} (anchor alone "
+            f"{worst['anchor']:.1f}): {_met(g['met'])}.",
+            "",
+        ]
+    lines += [f"![int8 against float]({png})", ""]
+    return lines
+
+
 SECTIONS = {
     "buckets": section_buckets,
     "types": section_types,
     "sizes": section_sizes,
     "blocking": section_blocking,
+    "int8": section_int8,
 }
 
 

@@ -16,6 +16,7 @@ PNGS = {
     "types": "fidelity_types.png",
     "sizes": "fidelity_size.png",
     "blocking": "fidelity_blocking.png",
+    "int8": "fidelity_int8.png",
 }
 
 
@@ -84,11 +85,25 @@ def plot_blocking(ax: Any, r: dict[str, Any]) -> None:
     ax.set_title("4. blocking level-1 subtrees (default build)")
 
 
+def plot_int8(ax: Any, r: dict[str, Any]) -> None:
+    t5, keys = r["accuracy"]["int8"], [*map(str, r["buckets"]), "all"]
+    width = 0.8 / len(t5)
+    for i, (variant, modes) in enumerate(t5.items()):
+        xs = [k + (i - (len(t5) - 1) / 2) * width for k in range(len(keys))]
+        ax.bar(xs, [100 * _acc(modes["memory"][k]) for k in keys], width, label=variant)
+        ax.plot(xs, [100 * _acc(modes["anchor"][k]) for k in keys], "k_", markersize=6)
+    ax.plot([], [], "k_", label="anchor alone (each variant)")
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_xlabel("frequency bucket (0 = most mentioned); bars: with memory")
+    ax.set_title("5. int8 weights against float (default build)")
+
+
 PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "buckets": plot_buckets,
     "types": plot_types,
     "sizes": plot_sizes,
     "blocking": plot_blocking,
+    "int8": plot_int8,
 }
 
 

@@ -3,9 +3,11 @@ and their evaluations, end to end. The accuracies are not checked (20 + 20 steps
 their shape, range and consistency are: the blocking curve with nothing blocked is the default
 build's memory accuracy, fact by fact, and with everything blocked the anchor's; blocking the
 best-matching subtree moves every fact off its routed subtree; LoRA and KV fetch as many
-parameters as FFN; a second run reuses every bank and reports the same numbers; a run with
-`--only buckets,blocking` on the same work directory reuses the default build's bank alone and
-writes tables 1 and 4 only, with the same numbers. Without a build: --only picks the builds and
+parameters as FFN; the int8 table's float32 variant answers as `hmem eval` does, fact by fact,
+and int8 moves log-probabilities a little, not nothing; a second run reuses every bank and
+reports the same numbers; a run with `--only buckets,blocking` on the same work directory reuses
+the default build's bank alone and writes tables 1 and 4 only, with the same numbers, and one with
+`--only int8` reuses it and the int8 conversion. Without a build: --only picks the builds and
 evaluations its tables need, and rejects an unknown table by naming the choices."""
 
 from __future__ import annotations
@@ -28,13 +30,21 @@ from bench.fidelity.report import goals
 from server.training.pipeline import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[2]
-PNGS = ("fidelity_buckets.png", "fidelity_types.png", "fidelity_size.png", "fidelity_blocking.png")
+PNGS = (
+    "fidelity_buckets.png",
+    "fidelity_types.png",
+    "fidelity_size.png",
+    "fidelity_blocking.png",
+    "fidelity_int8.png",
+)
 TABLES = (
     "| bucket | mentions | facts | memory | anchor | generic |",
     "| memory | width per level (neurons / rank / pairs) | fetched per path (per level) |",
     "| width scale | widths | fetched per path | % of anchor | memory: rarest |",
     "| blocked j | fraction of the bank | best-first: all | best-first: rarest |",
+    "| bucket | mentions | facts | memory: float32 | memory: int8 | Δ | anchor: float32 |",
 )
+VARIANTS = ("float32", "int8", "bfloat16", "int8-bf16")
 BRANCHING = 4  # --quick
 
 
@@ -65,13 +75,13 @@ def run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One quick run of all four tables (its banks under OUT/work); its stdout lines."""
+    """One quick run of all five tables (its banks under OUT/work); its stdout lines."""
     out = tmp_path_factory.mktemp("fidelity") / "out"
     return out, run(out).stdout.splitlines()
 
 
 @pytest.mark.slow
-def test_quick_run_reports_four_consistent_tables_and_plots(
+def test_quick_run_reports_five_consistent_tables_and_plots(
     full_run: tuple[Path, list[str]],
 ) -> None:
     out, lines = full_run
@@ -94,7 +104,7 @@ def test_quick_run_reports_four_consistent_tables_and_plots(
     acc = data["accuracy"]
 
     # Every cell of every table, a number in [0, 1] over some facts.
-    assert set(acc) == {"by_bucket", "memory_types", "memory_size", "blocking"}
+    assert set(acc) == {"by_bucket", "memory_types", "memory_size", "blocking", "int8"}
     assert set(acc["by_bucket"]) == {"memory", "anchor", "generic"}
     assert all(list(c) == ["0", "1", "2", "3", "4", "all"] for c in acc["by_bucket"].values())
     assert {k: list(c) for k, c in acc["memory_types"].items()} == {
@@ -102,8 +112,10 @@ def test_quick_run_reports_four_consistent_tables_and_plots(
     }
     assert list(acc["memory_size"]) == ["ffn-x0.5", "ffn"]
     assert [list(c) for c in acc["blocking"].values()] == [["0", "1", "2", "3", "4"]] * 2
+    assert list(acc["int8"]) == list(VARIANTS)
+    assert all(list(v) == ["memory", "anchor"] for v in acc["int8"].values())
     found = list(cells(acc))
-    assert len(found) == 18 + 9 + 2 * 2 * 2 + 2 * 5 * 2
+    assert len(found) == 18 + 9 + 2 * 2 * 2 + 2 * 5 * 2 + 4 * 2 * 6
     for c in found:
         assert type(c["accuracy"]) is float
         assert 0.0 <= c["accuracy"] <= 1.0
@@ -140,6 +152,9 @@ def test_quick_run_reports_four_consistent_tables_and_plots(
     moved = [p["path"][0] != q["path"][0] for p, q in zip(rand, main, strict=True)]
     assert 0 < sum(moved) < len(moved)
 
+    # int8: the float32 variant is the model `hmem eval` scores; int8 one of its own.
+    check_int8(data, bank)
+
     # Run again: every bank reused, the same numbers.
     lines = run(out).stdout.splitlines()
     progress = [line for line in lines if re.match(r"\[\d/4\] ", line)]
@@ -168,7 +183,7 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert ": reused" in progress[0]
 
     report = (out / "report.md").read_text()
-    for head, shown in zip(TABLES, (True, False, False, True), strict=True):
+    for head, shown in zip(TABLES, (True, False, False, True, False), strict=True):
         assert (head in report) is shown
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["fidelity.json", "report.md", PNGS[0], PNGS[3]]
@@ -202,7 +217,7 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert "--only buckets,blocking" in data["command"]
     assert data["settings"] == whole["settings"]
     assert data["tables"] == ["buckets", "blocking"]
-    assert data["not_measured"] == ["types", "sizes"]
+    assert data["not_measured"] == ["types", "sizes", "int8"]
     assert list(data["builds"]) == ["ffn"]
     assert data["builds"]["ffn"]["bank"] == whole["builds"]["ffn"]["bank"]
     assert data["builds"]["ffn"]["reused"]
@@ -210,7 +225,7 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert set(acc) == {"by_bucket", "blocking"}
     assert acc["by_bucket"] == whole["accuracy"]["by_bucket"]
     assert acc["blocking"] == whole["accuracy"]["blocking"]
-    assert data["goals"] == whole["goals"]
+    assert data["goals"] == {k: v for k, v in whole["goals"].items() if k != "int8"}
     assert set(data["goals"]) == {"rarest_memory_vs_anchor", "blocked_best_subtree"}
     # The checks: those of tables 1 and 4, as in the full run; those of 2 and 3 are not made.
     measured = {"memory beats", "blocking the best", "blocking 1/", "best-first below"}
@@ -224,6 +239,74 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
         "- more memory is better",
     ]
     assert "%" not in "".join(skipped)  # no value for what was not measured
+
+
+def check_int8(data: dict[str, Any], bank: Path) -> None:
+    """Table 5 of a quick run: the float32 variant answers as table 1's evaluation did, fact by
+    fact; both accuracies computed for every variant; int8 against float moves the chosen
+    tokens' log-probabilities a little (finite, above zero, well under a nat)."""
+    t5, info = data["accuracy"]["int8"], data["int8"]
+    by_bucket = data["accuracy"].get("by_bucket")
+    for mode in ("memory", "anchor"):
+        if by_bucket is not None:
+            assert t5["float32"][mode] == by_bucket[mode]
+        ours = predictions(bank, "int8-float32", mode)
+        theirs = predictions(bank, "main", mode)
+        assert [p["continuation"] for p in ours] == [p["continuation"] for p in theirs]
+        assert [p["path"] for p in ours] == [p["path"] for p in theirs]
+        for variant in VARIANTS:
+            assert len(predictions(bank, f"int8-{variant}", mode)) == data["corpus"]["facts"]
+    int8_bank = Path(info["bank_int8"])
+    assert int8_bank == bank.parent / "bank-int8"
+    assert json.loads((int8_bank / "manifest.json").read_text())["dtype"] == "int8"
+    conv = info["convert"]
+    assert 0 < conv["int8_bytes"] < conv["float_bytes"] / 2
+    assert [info["variants"][v]["weights"] for v in VARIANTS] == ["float", "int8"] * 2
+    assert list(info["pairs"]) == ["float32", "bfloat16"]
+    for pair in info["pairs"].values():
+        for mode in ("memory", "anchor"):
+            changed = pair["changed"][mode]
+            assert changed["facts"] == data["corpus"]["facts"]
+            assert changed["now_right"] + changed["now_wrong"] <= changed["changed"]
+            for kind in ("greedy", "answer"):
+                lp = pair["logprobs"][mode][kind]
+                assert lp["tokens"] > 0
+                assert 0.0 < lp["mean"] <= lp["max"] < 1.0
+                assert lp["mean"] < 0.05
+    goals = data["goals"]["int8"]
+    assert list(goals) == ["float32", "bfloat16"]
+    for pair, g in goals.items():
+        means = {m: info["pairs"][pair]["logprobs"][m]["greedy"]["mean"] for m in g["logprob_mean"]}
+        assert g["logprob_mean"] == means
+        assert g["met"] == (g["logprob_met"] and g["buckets_met"])
+
+
+@pytest.mark.slow
+def test_quick_only_int8(full_run: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """--only int8 on the full run's work directory: the default build and its int8 conversion
+    reused, table 5 alone, with the full run's numbers; the report gives both accuracies and the
+    log-probability differences."""
+    full, _ = full_run
+    whole = json.loads((full / "fidelity.json").read_text())
+    out = tmp_path / "int8"
+    lines = run(out, "--only", "int8", "--work", str(full / "work")).stdout.splitlines()
+    progress = [line for line in lines if re.match(r"\[\d/\d\] ", line)]
+    assert len(progress) == 1
+    assert ": reused" in progress[0]
+    data = json.loads((out / "fidelity.json").read_text())
+    assert data["tables"] == ["int8"]
+    assert set(data["accuracy"]) == {"int8"}
+    assert data["accuracy"]["int8"] == whole["accuracy"]["int8"]
+    assert data["int8"]["pairs"] == whole["int8"]["pairs"]
+    assert data["int8"]["convert"]["reused"]
+    assert data["goals"] == {"int8": whole["goals"]["int8"]}
+    check_int8(data, Path(data["builds"]["ffn"]["bank"]))
+    report = (out / "report.md").read_text()
+    assert TABLES[4] in report
+    assert "| bucket | mentions | facts | memory: bfloat16 | memory: int8-bf16 | Δ |" in report
+    assert "| activations | mode | chosen tokens: mean / max (tokens) |" in report
+    assert sum(line.startswith("Goal (int8 against ") for line in report.splitlines()) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["fidelity.json", PNGS[4], "report.md"]
 
 
 def test_goals_are_computed_from_the_cells() -> None:
@@ -262,6 +345,38 @@ def test_goals_are_computed_from_the_cells() -> None:
     assert not goals(never, 4)["blocked_best_subtree"]["above_unblocked"]
     assert not goals(never, 4)["blocked_best_subtree"]["met"]
     assert goals({}, 4) == {}
+
+
+def test_int8_goals_are_computed_from_the_cells() -> None:
+    """Table 5's goals, per pair: the chosen tokens' mean |logprob difference| <= 0.02 with
+    memory and the anchor alone, and every bucket with memory within 2 points of float."""
+
+    def c(correct: int, total: int) -> dict[str, Any]:
+        return {"correct": correct, "total": total, "accuracy": correct / total}
+
+    def lp(memory: float, anchor: float) -> dict[str, Any]:
+        return {m: {"greedy": {"mean": x}} for m, x in (("memory", memory), ("anchor", anchor))}
+
+    ref = {"memory": {"0": c(50, 100), "all": c(50, 100)}, "anchor": {"0": c(9, 100)}}
+    q = {"memory": {"0": c(52, 100), "all": c(52, 100)}, "anchor": {"0": c(4, 100)}}
+    accuracy = {"int8": {"float32": ref, "int8": q}}
+    pair = {"reference": "float32", "int8": "int8"}
+    summary = {"pairs": {"float32": pair | {"logprobs": lp(0.019, 0.02)}}}
+    g = goals(accuracy, 4, summary)["int8"]["float32"]
+    assert g["worst_points"] == {"memory": pytest.approx(2.0), "anchor": pytest.approx(5.0)}
+    assert g["points"]["anchor"]["0"] == pytest.approx(-5.0)
+    assert (g["logprob_met"], g["buckets_met"], g["anchor_buckets_met"], g["met"]) == (
+        True,
+        True,
+        False,
+        True,
+    )
+    summary["pairs"]["float32"]["logprobs"] = lp(0.01, 0.021)
+    assert not goals(accuracy, 4, summary)["int8"]["float32"]["met"]
+    summary["pairs"]["float32"]["logprobs"] = lp(0.01, 0.01)
+    q["memory"]["0"] = c(47, 100)
+    g = goals(accuracy, 4, summary)["int8"]["float32"]
+    assert (g["logprob_met"], g["buckets_met"], g["met"]) == (True, False, False)
 
 
 def test_only_plans_the_builds_and_evaluations_of_its_tables(tmp_path: Path) -> None:
