@@ -53,7 +53,9 @@ def test_int8_matmul_matches_the_widened_weight(k: int, dtype: torch.dtype) -> N
     ref = x.float() @ (w.q.float() * w.scale.float()[:, None]).T
     assert out.shape == (3, 5, 24)
     assert out.dtype is dtype
-    tol = 1e-4 if dtype is torch.float32 else 3e-2
+    # The kernel takes bf16 activations (float32 ones are rounded to bf16 for it); widened
+    # weights of odd widths keep float32's precision.
+    tol = 1e-4 if dtype is torch.float32 and k % INT8_K_ALIGN else 3e-2
     assert torch.allclose(out.float(), ref, rtol=tol, atol=tol * float(ref.abs().max()))
 
 
@@ -148,7 +150,10 @@ def test_int8_memories_batch_pad_inertly_and_match_their_float_twins() -> None:
         ref = model(tokens, memory=build_memory_batch(widened, dtype=torch.float32))
         alone = model(tokens[1:], memory=build_memory_batch(q_paths[1:], dtype=torch.float32))
         none = model(tokens)
-    assert torch.allclose(out, ref, atol=1e-4)
+    # The int8 kernel rounds float32 activations to bf16: within bf16's precision of the widened
+    # blocks' logits, and the same logits batched or alone.
+    assert torch.allclose(out, ref, atol=3e-2 * float(ref.abs().max()))
+    assert float((out - ref).abs().mean()) < 3e-3 * float(ref.abs().max())
     assert torch.allclose(out[1:], alone, atol=1e-5)
     assert not torch.allclose(out, none, atol=1e-3)  # the memories do something
 
