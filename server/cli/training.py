@@ -285,7 +285,12 @@ def _eval(args: argparse.Namespace) -> int:
         # Found now, not after the whole evaluation has run.
         raise ValueError(f"--json {args.json}: not a file in an existing directory")
     report = evaluate(
-        args.bank, args.facts, modes=args.modes.split(","), progress=not args.no_progress
+        args.bank,
+        args.facts,
+        modes=args.modes.split(","),
+        progress=not args.no_progress,
+        dtype=getattr(torch, args.dtype),
+        weights=args.weights,
     )
     print(report.table())
     if args.json is not None:
@@ -357,6 +362,15 @@ def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentPa
     )
     e.add_argument(
         "--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}"
+    )
+    e.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="as hmem serve's"
+    )
+    e.add_argument(
+        "--weights",
+        choices=["float", "int8"],
+        default="float",
+        help="the anchor's weights as hmem serve --weights holds them",
     )
     e.add_argument("--json", type=Path, help="also write the full report as JSON")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
@@ -258,6 +259,8 @@ def evaluate(
     batch_size: int = 32,
     progress: bool = True,
     blocked: Sequence[Collection[int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    weights: Literal["float", "int8"] = "float",
 ) -> EvalReport:
     """Ask every fact's query in each mode and score the greedy continuation.
 
@@ -269,6 +272,10 @@ def evaluate(
     routed through the nearest level-1 subtree not among them, then greedily below it
     (`route_around`), and gets no memory when all are blocked; its `Prediction.path` is the path
     used. The other modes, and facts with an empty set, are unaffected.
+
+    `dtype` and `weights` are those of serving (`hmem serve --dtype --weights`): the anchor is
+    loaded in `dtype` and, with `weights="int8"`, quantized as `--weights int8` does; an int8
+    bank's memories are int8 either way.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes or len(set(modes)) != len(modes):
@@ -279,7 +286,9 @@ def evaluate(
     if blocked is not None and len(blocked) != len(fact_list):
         raise ValueError(f"{len(blocked)} blocked sets for {len(fact_list)} facts")
     bank = Bank.open(bank_dir)
-    model = load_anchor(bank.anchor_dir, device=device)
+    model = load_anchor(bank.anchor_dir, dtype=dtype, device=device)
+    if weights == "int8":
+        model.quantize_int8()
     tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
     memories = _Memories(bank, [f.query for f in fact_list], modes, blocked)
     prompts = [tokenizer.encode(f.query) for f in fact_list]

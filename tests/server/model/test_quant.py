@@ -184,3 +184,20 @@ def test_packed_bf16_weights_give_the_plain_products() -> None:
     # A float32 model is left as it is: packed, its products measured slower.
     plain = anchor(ALIGNED, seed=8).pack_weights()
     assert plain._head is None
+
+
+@pytest.mark.parametrize("kind", [MemoryType.LORA, MemoryType.KV])
+def test_an_int8_anchor_takes_lora_and_kv_memories(kind: MemoryType) -> None:
+    ref = anchor(CFG, seed=11)
+    model = anchor(CFG, seed=11).quantize_int8()
+    block = random_block(kind, 4, seed=12)
+    memory = build_memory_batch([[block]], dtype=torch.float32)
+    tokens = torch.randint(
+        0, ALIGNED.vocab_size, (1, 6), generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        lp_ref = torch.log_softmax(ref(tokens, memory=memory), -1)
+        lp = torch.log_softmax(model(tokens, memory=memory), -1)
+        without = torch.log_softmax(model(tokens), -1)
+    assert float((lp.exp() - lp_ref.exp()).abs().max()) < 0.05
+    assert float((lp.exp() - without.exp()).abs().max()) > 0.01  # the memory is applied

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -457,3 +458,16 @@ def test_facts_in_another_format_are_refused_before_any_model_loads(
     # The bank does not even exist: the facts are read, and refused, first.
     with pytest.raises(ValueError, match=message):
         evaluate(tmp_path / "no-bank", facts, progress=False)
+
+
+def test_int8_weights_are_evaluated_as_served(banks: dict[str, Path], facts: list[Fact]) -> None:
+    """`hmem eval --weights int8` asks the anchor as `hmem serve --weights int8` holds it. Beside
+    float32 this random anchor's continuations keep their first token; later tokens of a
+    random model may tip on near ties."""
+    kw: dict[str, Any] = {"modes": ["anchor", "memory"], "max_new_tokens": 1, "progress": False}
+    ref = evaluate(banks["random"], facts, **kw)
+    int8 = evaluate(banks["random"], facts, weights="int8", dtype=torch.bfloat16, **kw)
+    for mode in ("anchor", "memory"):
+        a, b = continuations(ref, mode), continuations(int8, mode)
+        assert len(b) == len(a) == len(facts)
+        assert sum(x == y for x, y in zip(a, b, strict=True)) >= 0.9 * len(a), (mode, a, b)
