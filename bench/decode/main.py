@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import tempfile
 from dataclasses import replace
@@ -169,12 +170,11 @@ def decoding(c: httpx.AsyncClient, request: dict[str, Any]) -> Variant:
 
 
 def llamacpp(args: argparse.Namespace, anchor_dir: Path, work: Path) -> dict[str, Any]:
-    try:
-        from bench.scale.llamacpp import decode_tokens_per_s, write_gguf
-    except ImportError as exc:
-        return {
-            "skipped": f"llama-cpp-python is not installed ({exc}): pip install -e '.[llamacpp]'"
-        }
+    missing = [m for m in ("llama_cpp", "gguf") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"{', '.join(missing)} not installed: pip install -e '.[llamacpp]'"}
+    from bench.scale.llamacpp import decode_tokens_per_s, write_gguf
+
     model = load_anchor(anchor_dir, dtype=torch.float32)
     tok = AnchorTokenizer.from_dir(anchor_dir, read_config(anchor_dir))
     ids = tok.encode(prompts()[0])
