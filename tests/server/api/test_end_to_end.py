@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.bank import Bank
+from server.bank.convert import convert_bank
+from server.defaults import DEMO_BANK
 from server.settings import Settings, load_settings
 from server.training.pipeline import build_bank
 from tests.conftest import S3_CREDENTIALS, S3Server, free_port
@@ -80,6 +82,31 @@ def test_the_demo_bank_answers_a_rare_fact_only_with_memory(demo_settings: Setti
             "completion_tokens": 4,
             "total_tokens": len(prompt.encode()) + 5,
         }
+
+
+def test_the_demo_bank_in_int8_answers_the_same_from_int8_weights_and_blocks(
+    tmp_path: Path,
+) -> None:
+    """The demo bank converted to int8 (`hmem bank convert`) and served `--dtype bfloat16
+    --weights int8`: the rare fact is still answered from memory, and prompts decoded together
+    (one batch, each with its own int8 path) get what they get one at a time."""
+    convert_bank(DEMO_BANK, tmp_path / "int8", dtype="int8", progress=False)
+    settings = load_settings(
+        bank=tmp_path / "int8", data_dir=tmp_path / "state", warmup=False,
+        dtype="bfloat16", weights="int8",
+    )  # fmt: skip
+    prompts = [
+        "The atomic number of Thulium is",
+        "The atomic number of Iron is",
+        "The capital of France is",
+    ]
+    with TestClient(create_app(settings)) as client:
+        alone = [_complete(client, prompt=p)["choices"][0]["text"] for p in prompts]
+        together = _complete(client, prompt=prompts)
+        assert alone[0].startswith(" 69")
+        assert [c["text"] for c in sorted(together["choices"], key=lambda c: c["index"])] == alone
+        info = client.get("/v1/models").json()
+        assert info["data"][0]["id"] == "demo"
 
 
 def test_the_embedded_default_puts_the_deepest_level_on_s3_when_an_endpoint_is_set(
