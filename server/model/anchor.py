@@ -31,7 +31,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in float32 whatever the model dtype, as the reference implementation does
-        # (one fused kernel: a decode step is mostly per-op cost at this size).
+        # (`F.rms_norm`: one call where the formula took five; on the CPU it is still several
+        # kernels, docs/results.md "Decode at the hardware's limit").
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
@@ -121,7 +122,7 @@ def _fuse_linears(*linears: nn.Linear) -> Tensor:
 
 
 def _release(*linears: nn.Linear) -> None:
-    """Drop the float weights of linears that are now served from int8 copies."""
+    """Drop the float weights of linears now served from converted copies (int8 or packed)."""
     for lin in linears:
         lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
 
