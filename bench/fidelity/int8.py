@@ -15,9 +15,10 @@ which are what `hmem serve` runs with `--dtype` float32 or bfloat16 and `--weigh
 int8. Each int8 variant is compared with the float one of its activation dtype (a pair): accuracy
 by bucket, as `hmem eval` scores it, and the log-probabilities of the same tokens,
 teacher-forced: the float variant's greedy continuation (the tokens it chose, as many as
-`hmem eval` decodes) and the expected answer. `evaluate` loads its model in float32 with no way
-to quantize it, so the decoding here is `evaluate`'s own loop over its parts (`greedy_decode`,
-`score`, the bank's router): the float32 variant gives `hmem eval`'s predictions exactly.
+`hmem eval` decodes) and the expected answer. Those need the continuations' token ids, so each
+variant is decoded and scored with `evaluate`'s own loop (`ask_facts`) on a model loaded here
+(`load_variant`) rather than through `evaluate`: the float32 variant gives `hmem eval`'s
+predictions exactly.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from server.model.checkpoint import load_anchor
 from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
 from server.tokenizer import AnchorTokenizer
-from server.training.evaluate import answer_tokens, greedy_decode, load_router, score
+from server.training.evaluate import answer_tokens, ask_facts, load_router
 from server.training.facts import Fact
 from server.training.queries import load_queries
 from server.training.report import EvalReport, Prediction
@@ -132,31 +133,17 @@ def decode_variant(
     """Every fact asked in each mode, decoded and scored as `evaluate` does."""
     started = time.perf_counter()
     budgets = [answer_tokens(tokenizer, f.query, f.answer) + 1 for f in facts]
-    predictions: list[Prediction] = []
-    ids: dict[str, list[list[int]]] = {}
-    for mode in INT8_MODES:
-        ids[mode] = []
-        for idx in _batches(len(facts), batch_size):
-            outputs = greedy_decode(
-                model,
-                [prompts[i] for i in idx],
-                max_new_tokens=max(budgets[i] for i in idx),
-                memory=[blocks.of(mode, i) for i in idx],
-                eos_ids=tokenizer.eos_ids,
-            )
-            for i, out in zip(idx, outputs, strict=True):
-                kept = out[: budgets[i]]
-                text = tokenizer.decode(kept)
-                ids[mode].append(kept)
-                predictions.append(
-                    Prediction(
-                        fact=facts[i],
-                        mode=mode,
-                        continuation=text,
-                        correct=score(text, facts[i].answer),
-                        path=paths[i] if mode == "memory" and paths[i] else None,
-                    )
-                )
+    predictions, ids = ask_facts(
+        model,
+        tokenizer,
+        facts,
+        modes=INT8_MODES,
+        prompts=prompts,
+        budgets=budgets,
+        blocks=blocks.of,
+        path=lambda i: paths[i] or None,
+        batch_size=batch_size,
+    )
     return _Variant(predictions, ids, time.perf_counter() - started)
 
 

@@ -19,7 +19,7 @@ blocks), and the blocks of a path are read once however many queries share them.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -249,6 +249,55 @@ class _Memories:
         return [self._block(level, node) for level, node in zip(self.levels, path, strict=True)]
 
 
+def ask_facts(
+    model: Anchor,
+    tokenizer: AnchorTokenizer,
+    facts: Sequence[Fact],
+    *,
+    modes: Sequence[str],
+    prompts: Sequence[list[int]],
+    budgets: Sequence[int],
+    blocks: Callable[[str, int], list[MemoryBlock]],
+    path: Callable[[int], tuple[int, ...] | None],
+    batch_size: int,
+    on_batch: Callable[[], object] = lambda: None,
+) -> tuple[list[Prediction], dict[str, list[list[int]]]]:
+    """Each fact's prompt decoded greedily in each mode for its budget of tokens, `batch_size`
+    at a time, with `blocks(mode, i)` as fact i's memory, and scored. Returns the predictions
+    and, per mode, each fact's continuation token ids."""
+    predictions: list[Prediction] = []
+    ids: dict[str, list[list[int]]] = {}
+    for mode in modes:
+        ids[mode] = []
+        for start in range(0, len(facts), batch_size):
+            idx = range(start, min(start + batch_size, len(facts)))
+            outputs = greedy_decode(
+                model,
+                [prompts[i] for i in idx],
+                max_new_tokens=max(budgets[i] for i in idx),
+                memory=[blocks(mode, i) for i in idx],
+                eos_ids=tokenizer.eos_ids,
+            )
+            for i, out in zip(idx, outputs, strict=True):
+                fact = facts[i]
+                # Greedy decoding is per sequence: stopping at a fact's own budget equals
+                # cutting the batch's longer continuation there.
+                kept = out[: budgets[i]]
+                text = tokenizer.decode(kept)
+                ids[mode].append(kept)
+                predictions.append(
+                    Prediction(
+                        fact=fact,
+                        mode=mode,
+                        continuation=text,
+                        correct=score(text, fact.answer),
+                        path=path(i) if mode == "memory" else None,
+                    )
+                )
+            on_batch()
+    return predictions, ids
+
+
 def evaluate(
     bank_dir: str | Path,
     facts: Sequence[Fact] | str | Path,
@@ -293,34 +342,20 @@ def evaluate(
     memories = _Memories(bank, [f.query for f in fact_list], modes, blocked)
     prompts = [tokenizer.encode(f.query) for f in fact_list]
     budgets = [max_new_tokens or answer_tokens(tokenizer, f.query, f.answer) + 1 for f in fact_list]
-    starts = range(0, len(fact_list), batch_size)
-    predictions: list[Prediction] = []
+    batches = -(-len(fact_list) // batch_size)
     with tqdm(
-        total=len(modes) * len(starts), desc="evaluate", unit="batch", disable=not progress
+        total=len(modes) * batches, desc="evaluate", unit="batch", disable=not progress
     ) as bar:
-        for mode in modes:
-            for start in starts:
-                idx = range(start, min(start + batch_size, len(fact_list)))
-                outputs = greedy_decode(
-                    model,
-                    [prompts[i] for i in idx],
-                    max_new_tokens=max(budgets[i] for i in idx),
-                    memory=[memories.blocks(mode, i) for i in idx],
-                    eos_ids=tokenizer.eos_ids,
-                )
-                for i, ids in zip(idx, outputs, strict=True):
-                    fact = fact_list[i]
-                    # Greedy decoding is per sequence: stopping at a fact's own budget equals
-                    # cutting the batch's longer continuation there.
-                    text = tokenizer.decode(ids[: budgets[i]])
-                    predictions.append(
-                        Prediction(
-                            fact=fact,
-                            mode=mode,
-                            continuation=text,
-                            correct=score(text, fact.answer),
-                            path=memories.path(i) if mode == "memory" else None,
-                        )
-                    )
-                bar.update(1)
+        predictions, _ = ask_facts(
+            model,
+            tokenizer,
+            fact_list,
+            modes=modes,
+            prompts=prompts,
+            budgets=budgets,
+            blocks=memories.blocks,
+            path=memories.path,
+            batch_size=batch_size,
+            on_batch=lambda: bar.update(1),
+        )
     return EvalReport(bank=str(bank.path), modes=tuple(modes), predictions=predictions)
