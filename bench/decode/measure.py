@@ -93,10 +93,10 @@ def logprob_differences(
     dtype = next(ref.parameters()).dtype
     diffs: list[float] = []
     agree = total = 0
+    mem_ref = build_memory_batch([list(ref_memory)], dtype=dtype) if ref_memory else None
+    mem_other = build_memory_batch([list(other_memory)], dtype=dtype) if other_memory else None
     for ids in prompts:
         tokens = torch.tensor([ids])
-        mem_ref = build_memory_batch([list(ref_memory)], dtype=dtype) if ref_memory else None
-        mem_other = build_memory_batch([list(other_memory)], dtype=dtype) if other_memory else None
         for _ in range(new_tokens):  # ref's greedy continuation
             nxt = ref(tokens, memory=mem_ref)[0, -1].argmax()
             tokens = torch.cat([tokens, nxt.view(1, 1)], dim=1)
