@@ -3,7 +3,8 @@
 `hmem serve` serves a bank over HTTP (with no arguments, the demo bank). `hmem build` trains a
 memory bank from a corpus; `hmem bank push` copies its blocks to their
 tiers and `hmem bank verify` checks them there. `hmem synth` writes a synthetic long-tail
-corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket.
+corpus and `hmem eval` measures a bank's accuracy on it by frequency bucket. `hmem pretrain`
+pretrains a general-English anchor on open text that packages install, for `hmem build --anchor`.
 `hmem tiers profiles` lists the device profiles a tier can emulate; `hmem tiers check` opens
 the configured storage hierarchy and reports, per tier, whether it answers and what it holds.
 
@@ -36,6 +37,7 @@ TRAINING_COMMANDS = {
     "synth": "write a long-tail knowledge corpus, synthetic or GeoNames (corpus, facts)",
     "eval": "long-tail accuracy by frequency bucket, with memory and without",
     "demo": "build the demo bank from the synthetic corpus (fixed seeds) and evaluate it",
+    "pretrain": "pretrain a general-English anchor on open text that packages install here",
 }
 
 

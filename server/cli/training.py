@@ -1,4 +1,4 @@
-"""The training commands: `hmem build`, `hmem synth`, `hmem eval` and `hmem demo`.
+"""The training commands: `hmem build`, `hmem synth`, `hmem eval`, `hmem demo`, `hmem pretrain`.
 
 `server.cli` registers these only when one of them is the command being run, so that
 `hmem serve` and the other serving commands never import the training package; this module
@@ -21,7 +21,9 @@ from server.model.memory import LORA_TARGETS, MemoryType
 from server.training.demo import build_demo
 from server.training.evaluate import MODES, evaluate
 from server.training.facts import FACTS_FILE
+from server.training.opentext import SOURCES
 from server.training.pipeline import ANCHOR_SIZES, BuildError, BuildSettings, build_bank
+from server.training.pretrain import PRESETS, PretrainSettings, pretrain
 from server.training.realdata import DEFAULT_CITIES, geonames_corpus
 from server.training.synth import CORPUS_FILE, PHRASINGS, generate_corpus
 
@@ -382,8 +384,117 @@ def _add_synth_and_eval(commands: argparse._SubParsersAction[argparse.ArgumentPa
     d.set_defaults(run=_demo, on_interrupt=RESUMES)
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    settings = PretrainSettings(
+        out=args.out,
+        size=args.size,
+        sources=tuple(s.strip() for s in args.sources.split(",") if s.strip()),
+        text_dir=args.text,
+        max_chars_per_source=round(args.max_mb_per_source * 1e6) or None,
+        vocab_size=args.vocab_size,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+    def said(point: dict[str, float]) -> None:
+        print(
+            f"step {int(point['step']):>7,}  loss {point['train_loss']:.3f} training, "
+            f"{point['val_loss']:.3f} held out ({point['val_bits_per_byte']:.3f} bits per byte)",
+            flush=True,
+        )
+
+    summary = pretrain(settings, on_plan=lambda plan: print(plan.text(), flush=True), on_eval=said)
+    print(summary.text())
+    return 0
+
+
+def _add_pretrain(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    d = PretrainSettings(out=Path())
+    sizes = "; ".join(
+        f"{k}: d={p.d_model}, {p.n_layers} layers, vocabulary {p.vocab_size}, {p.steps} steps "
+        f"of {p.batch_size}x{p.seq_len} tokens at lr {p.lr:g}"
+        for k, p in PRESETS.items()
+    )
+    sources = "; ".join(f"{s.name}: {s.what} ({s.package}, {s.licence})" for s in SOURCES.values())
+    p = commands.add_parser(
+        "pretrain",
+        help=TRAINING_COMMANDS["pretrain"],
+        formatter_class=DefaultsHelpFormatter,
+        description="Pretrain a general-English anchor: gather open text that packages install "
+        "on this machine (nothing is downloaded), train a byte-level BPE tokenizer on it, train "
+        "a Llama-shape anchor, and write a Hugging Face checkpoint directory (config.json, "
+        "model.safetensors, tokenizer.json, tokenizer_config.json with BOS, EOS and a chat "
+        "template, pretrain.json with the sources, their licences and the loss curve) to --out, "
+        "for `hmem build --anchor`. Prints the time it will take before it starts. Run again "
+        "with the same settings, an interrupted pretrain resumes from its last checkpoint.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    p.add_argument(
+        "--size", choices=list(PRESETS), default=d.size, help=f"the anchor's size ({sizes})"
+    )
+    p.add_argument(
+        "--sources",
+        default=",".join(d.sources),
+        help=f"comma-separated text sources; auto: every one installed here ({sources})",
+    )
+    p.add_argument(
+        "--text", type=Path, metavar="DIR", help="also train on the .txt and .md files under DIR"
+    )
+    p.add_argument(
+        "--max-mb-per-source",
+        type=float,
+        default=(d.max_chars_per_source or 0) / 1e6,
+        help="millions of characters read from each source, so that none outweighs the "
+        "rest; 0: all",
+    )
+    p.add_argument("--vocab-size", type=_at_least(512), help="BPE vocabulary (default: the size's)")
+    p.add_argument("--seq-len", type=_at_least(8), help="tokens per window (default: the size's)")
+    p.add_argument("--batch-size", type=_at_least(1), help="windows per step (default: the size's)")
+    p.add_argument("--steps", type=_at_least(1), help="training steps (default: the size's)")
+    p.add_argument(
+        "--lr",
+        type=_learning_rate,
+        help="peak learning rate, warm-up then cosine (default: the size's)",
+    )
+    p.add_argument(
+        "--eval-every",
+        type=_at_least(1),
+        default=d.eval_every,
+        help="steps between held-out losses",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_at_least(1),
+        default=d.checkpoint_every,
+        help="steps between checkpoints in the work directory beside --out",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
+    cuda = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", type=_device, default=cuda, help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--threads",
+        type=_at_least(1),
+        help="torch threads (default: 1 below 5M parameters, else the cores the load average "
+        "leaves free)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=_pretrain, on_interrupt=RESUMES)
+
+
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `build`, `synth`, `eval` and `demo` to the `hmem` subcommands, each with its one-line
-    help from `TRAINING_COMMANDS` (the help `hmem --help` lists without importing this)."""
+    """Add `build`, `synth`, `eval`, `demo` and `pretrain` to the `hmem` subcommands, each with
+    its one-line help from `TRAINING_COMMANDS` (the help `hmem --help` lists without importing
+    this)."""
     _add_build(commands)
     _add_synth_and_eval(commands)
+    _add_pretrain(commands)
