@@ -1,7 +1,8 @@
 """Anchor checkpoints in Hugging Face layout: `config.json` + `model.safetensors` (or shards).
 
-An existing Llama-architecture checkpoint (SmolLM, TinyLlama, ...) on disk can be the anchor, and
-the anchors hmem trains are written so that `transformers` reads them too. Only JSON and
+An existing checkpoint of a supported family (`server.model.families`: Llama, Mistral, Qwen2,
+Qwen3, Phi-3, Gemma 2 and 3) on disk can be the anchor, and the anchors hmem trains are written
+so that `transformers` reads them too. Only JSON and
 safetensors are read. Every tensor the architecture needs must be present with its exact shape;
 a missing, extra or misshapen tensor is refused with its name.
 """
@@ -21,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
 from server.model.errors import CheckpointError
+from server.model.families import checkpoint_shapes, from_checkpoint_names, to_checkpoint_names
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -90,7 +92,7 @@ def load_anchor(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> Anchor:
-    """Build the anchor from a Hugging Face Llama checkpoint directory.
+    """Build the anchor from a Hugging Face checkpoint directory of a supported family.
 
     The model is built on the meta device (no memory, no random init) and each tensor read from
     the file goes straight into it as its parameter: the peak is one copy of the weights plus
@@ -105,23 +107,25 @@ def load_anchor(
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
+    stored = checkpoint_shapes(config, expected)  # the names and shapes the family stores
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(directory):
         with safe_open(str(file), framework="pt", device="cpu", backend="pread") as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
-                if name not in expected:
+                if name not in stored:
                     if config.tie_embeddings and name == "lm_head.weight":
                         continue  # a tied checkpoint that also stores the head
                     raise CheckpointError(f"unexpected tensor {name!r} in {file.name}")
                 shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
+                if shape != stored[name]:
                     raise CheckpointError(
-                        f"tensor {name!r} has shape {shape}, config.json implies {expected[name]}"
+                        f"tensor {name!r} has shape {shape}, config.json implies {stored[name]}"
                     )
                 # No copy when the tensor is stored in `dtype` and `device` is the CPU.
-                tensors[name] = f.get_tensor(name).to(dtype=dtype, device=device)
+                for key, t in from_checkpoint_names(config, name, _reader(f, name)).items():
+                    tensors[key] = t.to(dtype=dtype, device=device)
     missing = sorted(set(expected) - set(tensors))
     if missing:
         shown = ", ".join(missing[:5]) + (
@@ -138,13 +142,20 @@ def load_anchor(
     return model.eval()
 
 
+def _reader(f: Any, name: str) -> Callable[[], torch.Tensor]:
+    return lambda: f.get_tensor(name)
+
+
 def save_anchor(model: Anchor, directory: str | Path) -> None:
-    """Write config.json and model.safetensors in Hugging Face Llama layout."""
+    """Write config.json and model.safetensors in Hugging Face layout, under the family's
+    tensor names and with the config.json the anchor was read from (Llama's for anchors hmem
+    trains)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
+    state = to_checkpoint_names(model.config, state)
     config = model.config.to_hf()
     config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})

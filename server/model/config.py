@@ -1,29 +1,30 @@
 """`AnchorConfig`: the anchor's architecture, read from (and written to) Hugging Face config.json.
 
-The architecture always comes from the checkpoint, never from the environment. Only what this
-anchor implements is accepted: a Llama-architecture decoder (RMSNorm, rotary embeddings with a
-configurable base, SwiGLU, grouped-query attention, tied or untied embeddings). Anything else
-(a different architecture, rope scaling, attention or MLP biases, another activation) is refused
-with an error that names the key, so a checkpoint is never run with the wrong math.
+The architecture always comes from the checkpoint, never from the environment. The anchor is a
+Llama-architecture decoder (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, tied or
+untied embeddings) with the switches the common families need (`server.model.families` reads
+them from a config.json; docs/models.md has the table). Anything else is refused with an error
+that names the key, so a checkpoint is never run with the wrong math.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 from server.model.errors import UnsupportedArchitectureError
 
-_SUPPORTED_ARCHS = ("LlamaForCausalLM",)
-# Keys whose values change the math in ways this anchor does not implement, with the value
-# (or values) that keep it on the path it does implement.
-_MUST_BE = {
-    "hidden_act": ("silu",),
-    "attention_bias": (False, None),
-    "mlp_bias": (False, None),
-    "rope_scaling": (None,),
-    "pretraining_tp": (1, None),
-}
+
+@dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """How RoPE's frequencies are stretched past the trained context: "linear" divides them
+    all by `factor`; "llama3" divides only the low ones and blends the middle band (Llama 3.1+)."""
+
+    kind: Literal["linear", "llama3"]
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,23 @@ class AnchorConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # The switches of the other families (`server.model.families`); the defaults are Llama's.
+    family: str = "llama"  # config.json's model_type
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head's queries and keys, before RoPE
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None  # keys within this many positions, on `sliding_layers`
+    sliding_layers: tuple[int, ...] = ()
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers when it differs
+    gemma_norms: bool = False  # (1 + w) norms around both sublayers, embeddings times sqrt(d)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_softcap: float | None = None  # attention scores through c * tanh(s / c)
+    final_softcap: float | None = None  # logits through c * tanh(l / c)
+    # The config.json this was read from, written back unchanged by `to_hf`.
+    hf: dict[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -69,47 +87,18 @@ class AnchorConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> AnchorConfig:
-        """Read a Hugging Face Llama config.json (already parsed)."""
-        archs = cfg.get("architectures") or []
-        model_type = cfg.get("model_type")
-        if model_type != "llama" and not any(a in _SUPPORTED_ARCHS for a in archs):
-            raise UnsupportedArchitectureError(
-                f"unsupported architecture {archs or model_type!r}: hmem runs Llama-architecture "
-                "checkpoints (model_type 'llama', LlamaForCausalLM)"
-            )
-        for key, allowed in _MUST_BE.items():
-            if cfg.get(key) not in allowed:
-                raise UnsupportedArchitectureError(
-                    f"config.json {key}={cfg.get(key)!r} is not supported (expected {allowed[0]!r})"
-                )
-        rope = cfg.get("rope_parameters") or {}  # transformers >= 5 groups RoPE settings here
-        if rope.get("rope_type", "default") != "default":
-            raise UnsupportedArchitectureError(
-                f"config.json rope_parameters.rope_type={rope['rope_type']!r} is not supported "
-                "(expected 'default')"
-            )
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in (*required, "intermediate_size") if k not in cfg]
-        if missing:
-            raise UnsupportedArchitectureError(f"config.json is missing {missing}")
-        return cls(
-            vocab_size=int(cfg["vocab_size"]),
-            d_model=int(cfg["hidden_size"]),
-            n_layers=int(cfg["num_hidden_layers"]),
-            n_heads=int(cfg["num_attention_heads"]),
-            n_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
-            intermediate_size=int(cfg["intermediate_size"]),
-            head_dim=int(cfg.get("head_dim") or 0),
-            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_seq_len=int(cfg.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_id=cfg.get("eos_token_id"),
-        )
+        """Read a Hugging Face config.json (already parsed) of a supported family."""
+        from server.model.families import read_config  # families builds on this module
+
+        return read_config(cfg)
 
     def to_hf(self) -> dict[str, Any]:
-        """A config.json that `transformers` and this anchor both read as this architecture."""
+        """A config.json that `transformers` and this anchor both read as this architecture:
+        the one it was read from, else a Llama one (the family of the anchors hmem trains)."""
+        if self.hf is not None:
+            return dict(self.hf)
+        if self.family != "llama":
+            raise UnsupportedArchitectureError(f"no config.json to write for {self.family!r}")
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -129,13 +118,29 @@ class AnchorConfig:
             "attention_bias": False,
             "mlp_bias": False,
             "rope_scaling": None,
+            **({} if self.rope_scaling is None else {"rope_scaling": self._rope_scaling_hf()}),
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "float32",
         }
 
+    def _rope_scaling_hf(self) -> dict[str, Any]:
+        r = self.rope_scaling
+        assert r is not None
+        spec: dict[str, Any] = {"rope_type": r.kind, "factor": r.factor}
+        if r.kind == "llama3":
+            spec["low_freq_factor"] = r.low_freq_factor
+            spec["high_freq_factor"] = r.high_freq_factor
+            spec["original_max_position_embeddings"] = r.original_max_position_embeddings
+        return spec
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("hf")
+        return out
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and layer in self.sliding_layers
 
     def n_params(self) -> int:
         d, f, L = self.d_model, self.intermediate_size, self.n_layers

@@ -95,11 +95,11 @@ def _edit_config(directory: Path, **changes: object) -> None:
     ("changes", "message"),
     [
         (
-            {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-            "unsupported architecture",
+            {"architectures": ["FalconForCausalLM"], "model_type": "falcon"},
+            "unsupported model_type 'falcon'",
         ),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"attention_bias": True}, "attention_bias=True"),
+        ({"pretraining_tp": 2}, "pretraining_tp=2"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope_type='yarn'"),
         ({"num_attention_heads": 3}, "multiple of"),
     ],
