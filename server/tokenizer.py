@@ -2,7 +2,11 @@
 
 Kept apart from the model, which does no I/O. Token ids come from `tokenizer.json`; BOS and EOS
 ids from the checkpoint's config.json (`bos_token_id`, `eos_token_id`), as the model was trained
-on them. `tokenizer_config.json`, when present, names the special tokens and carries the chat
+on them. Whether a prompt starts with BOS is the tokenizer's own rule, as `transformers` applies
+it: `add_bos_token` in `tokenizer_config.json` when it says, else whether `tokenizer.json`'s
+post-processor adds it (Llama 3's does; Qwen's does not), else (hmem's banks from before either
+file said) BOS whenever config.json names one. `tokenizer_config.json`, when present, names the
+special tokens and carries the chat
 template (`chat_template.jinja` beside it takes precedence, as in `transformers`); an anchor
 without it still loads, with no chat template. A tokenizer whose vocabulary does not fit the
 model's embedding table is refused, since its ids would index past it, and so is one whose BOS
@@ -55,6 +59,9 @@ class AnchorTokenizer:
             )
         self._tok = tokenizer
         self.bos_id = config.bos_token_id
+        self.adds_bos = _adds_bos(
+            tokenizer, self.bos_id, (tokenizer_config or {}).get("add_bos_token")
+        )
         eos = config.eos_token_id
         eos_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.eos_ids: frozenset[int] = frozenset(eos_list)
@@ -107,12 +114,12 @@ class AnchorTokenizer:
         return cls(tok, config, tokenizer_config=tokenizer_config, template=template)
 
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, after the BOS id when the checkpoint defines one.
+        """Token ids of `text`, after the BOS id when the tokenizer starts prompts with one.
 
         Special tokens written in the text ("<s>") are their ids, as in `transformers`.
         """
         ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
+        if add_bos and self.adds_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return ids
 
@@ -190,3 +197,14 @@ def _directory_template(root: Path, tokenizer_config: Mapping[str, Any]) -> Chat
     if not isinstance(text, str):
         raise CheckpointError(f"{root / TOKENIZER_CONFIG}: chat_template must be a string")
     return ChatTemplate(text, origin=str(root / TOKENIZER_CONFIG))
+
+
+def _adds_bos(tokenizer: Tokenizer, bos_id: int | None, flag: object) -> bool:
+    """Whether prompts start with BOS: the module docstring's rule."""
+    if bos_id is None:
+        return False
+    if isinstance(flag, bool):
+        return flag
+    if tokenizer.post_processor is None:
+        return True
+    return tokenizer.encode("a", add_special_tokens=True).ids[:1] == [bos_id]

@@ -22,7 +22,12 @@ from torch.overrides import TorchFunctionMode
 from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
 from server.model.errors import CheckpointError
-from server.model.families import checkpoint_shapes, from_checkpoint_names, to_checkpoint_names
+from server.model.families import (
+    checkpoint_shapes,
+    from_checkpoint_names,
+    to_checkpoint_names,
+)
+from server.model.families import read_config as read_hf_config
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -43,7 +48,7 @@ def read_config(directory: Path) -> AnchorConfig:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
-    return AnchorConfig.from_hf(raw)
+    return read_hf_config(raw)
 
 
 def _weight_files(directory: Path) -> list[Path]:

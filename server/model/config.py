@@ -29,7 +29,8 @@ class RopeScaling:
 
 @dataclass(frozen=True, slots=True)
 class AnchorConfig:
-    """A Llama-style decoder. Field names follow the paper's notation; see `from_hf`."""
+    """A Llama-style decoder. Field names follow the paper's notation; `families.read_config`
+    reads one from a config.json."""
 
     vocab_size: int
     d_model: int  # hidden_size
@@ -84,13 +85,6 @@ class AnchorConfig:
             raise UnsupportedArchitectureError(
                 f"head_dim must be even for RoPE, got {self.head_dim}"
             )
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> AnchorConfig:
-        """Read a Hugging Face config.json (already parsed) of a supported family."""
-        from server.model.families import read_config  # families builds on this module
-
-        return read_config(cfg)
 
     def to_hf(self) -> dict[str, Any]:
         """A config.json that `transformers` and this anchor both read as this architecture:

@@ -148,8 +148,9 @@ class CompletionService:
         """The ids chat feeds the model; with `add_special_tokens`, a BOS before the template's."""
         self.check_model(model)
         ids = self.prompts.chat(turns, add_generation_prompt=add_generation_prompt).ids
-        if add_special_tokens and self.tokenizer.bos_id is not None:
-            ids = [self.tokenizer.bos_id, *ids]
+        bos = self.tokenizer.bos_id
+        if add_special_tokens and self.tokenizer.adds_bos and bos is not None:
+            ids = [bos, *ids]
         return ids
 
     def detokenize(self, *, model: str | None, ids: Sequence[int]) -> str:

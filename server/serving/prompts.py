@@ -45,7 +45,7 @@ class Prompts:
 
     def text(self, text: str) -> PromptInput:
         tok = self.tokenizer
-        return PromptInput(tok.encode(text), text, text, bos=tok.bos_id is not None)
+        return PromptInput(tok.encode(text), text, text, bos=tok.adds_bos)
 
     def chat(self, turns: Sequence[Turn], *, add_generation_prompt: bool) -> PromptInput:
         """A conversation rendered by the chat template, which writes the BOS itself (as vLLM)."""
@@ -65,7 +65,8 @@ class Prompts:
     def tokens(self, ids: Sequence[int], *, index: int) -> PromptInput:
         """A prompt given as token ids, with the BOS a string prompt gets.
 
-        The model was trained with a BOS before every document, and clients that tokenise for
+        A model whose tokenizer starts prompts with BOS was trained with one before every
+        document, and clients that tokenise for
         themselves (lm-evaluation-harness asks `/tokenize` without special tokens) send none:
         without it, the same text would score differently as ids than as a string. Ids that
         already start with the BOS are taken as they are. Either way the BOS is not echoed.
@@ -74,7 +75,7 @@ class Prompts:
         tok = self.tokenizer
         ids = list(ids)
         text = tok.decode(ids)
-        if tok.bos_id is None:
+        if tok.bos_id is None or not tok.adds_bos:
             return PromptInput(ids, text, text, bos=False)
         if not ids or ids[0] != tok.bos_id:
             ids = [tok.bos_id, *ids]

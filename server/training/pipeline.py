@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -32,14 +33,16 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from server.bank.layout import ModelShape
+from server.bank.paths import ANCHOR_FILES
 from server.bank.writer import BankWriter
 from server.model.anchor import Anchor
-from server.model.checkpoint import load_anchor, save_anchor
+from server.model.checkpoint import WEIGHTS, load_anchor, save_anchor
 from server.model.config import AnchorConfig
+from server.model.errors import ModelError
 from server.model.memory import LORA_TARGETS, MemoryType
 from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
 from server.routing.embedders import Embedder
-from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG
+from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG, AnchorTokenizer
 from server.training.corpus import CorpusError, load_corpus, split_windows
 from server.training.memory_params import MemoryParams
 from server.training.restate import mine
@@ -80,7 +83,7 @@ class BuildSettings:
     embed_dim: int = 8192
     minilm_dir: Path | None = None
     anchor_size: str = "tiny"
-    anchor_dir: Path | None = None  # an existing Hugging Face Llama checkpoint
+    anchor_dir: Path | None = None  # an existing Hugging Face checkpoint (docs/models.md)
     freeze_anchor: bool = True  # memories only after pretraining: the anchor stays the baseline
     restate: bool = True  # add the corpus's facts restated in each phrasing of their relation
     pretrain_steps: int = 1500
@@ -167,13 +170,36 @@ def _check(s: BuildSettings) -> None:
         raise BuildError(f"{s.out} exists and is not a directory")
 
 
-def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Tokenizer]:
+@dataclass(frozen=True)
+class Framing:
+    """How a training window becomes ids: the anchor's own tokenizer, with the BOS its prompts
+    start with (none for Qwen's) and its first EOS after the window, as the server will frame a
+    prompt and stop a generation."""
+
+    tokenizer: Tokenizer
+    bos: tuple[int, ...]
+    eos: tuple[int, ...]
+
+    @classmethod
+    def of_checkpoint(cls, directory: Path, config: AnchorConfig) -> Framing:
+        if not (directory / TOKENIZER).is_file():
+            raise BuildError(f"anchor directory {directory} has no {TOKENIZER}")
+        tok = AnchorTokenizer.from_dir(directory, config)
+        bos = (tok.bos_id,) if tok.adds_bos and tok.bos_id is not None else ()
+        eos = (min(tok.eos_ids),) if tok.eos_ids else ()
+        return cls(Tokenizer.from_file(str(directory / TOKENIZER)), bos, eos)
+
+    def ids(self, text: str) -> list[int]:
+        return [*self.bos, *self.tokenizer.encode(text, add_special_tokens=False).ids, *self.eos]
+
+
+def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Framing]:
     if s.anchor_dir is not None:
-        model = load_anchor(s.anchor_dir)  # refuses unsupported checkpoints by name
-        tok_file = s.anchor_dir / "tokenizer.json"
-        if not tok_file.is_file():
-            raise BuildError(f"anchor directory {s.anchor_dir} has no tokenizer.json")
-        return model, Tokenizer.from_file(str(tok_file))
+        try:
+            model = load_anchor(s.anchor_dir)  # refuses unsupported checkpoints by name
+        except ModelError as exc:
+            raise BuildError(f"--anchor {s.anchor_dir}: {exc}") from None
+        return model, Framing.of_checkpoint(s.anchor_dir, model.config)
     d, n_layers, heads, kv, ff = ANCHOR_SIZES[s.anchor_size]
     config = AnchorConfig(
         vocab_size=tokenizer.get_vocab_size(), d_model=d, n_layers=n_layers, n_heads=heads,
@@ -188,7 +214,7 @@ def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Tokenizer]:
                 torch.nn.init.normal_(p, std=0.02)
             if name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.mul_(1 / (2 * n_layers) ** 0.5)  # scaled residual init
-    return model, tokenizer
+    return model, Framing(tokenizer, (BOS_ID,), (EOS_ID,))
 
 
 def _embedder(s: BuildSettings, texts: Sequence[str]) -> Embedder:
@@ -216,7 +242,7 @@ def build_bank(s: BuildSettings) -> BuildSummary:
     except CorpusError as exc:
         raise BuildError(str(exc)) from None
     base_tok = byte_tokenizer()
-    model, tokenizer = _anchor(s, base_tok)
+    model, framing = _anchor(s, base_tok)
     threads = build_threads(s.threads, sum(p.numel() for p in model.parameters()))
     use_threads(threads)
     windows = [w for doc in docs for w in split_windows(doc.text, max(16, s.seq_len - 2))]
@@ -229,7 +255,7 @@ def build_bank(s: BuildSettings) -> BuildSummary:
     work = s.out.parent / f".{s.out.name}.build-work"
     with _claimed(work, s.out):
         summary = _train_and_export(s, work, docs=len(docs), windows=windows, model=model,
-                                    tokenizer=tokenizer, started=started)  # fmt: skip
+                                    framing=framing, started=started)  # fmt: skip
     summary.threads = threads
     return summary
 
@@ -282,7 +308,7 @@ def _train_and_export(
     docs: int,
     windows: list[str],
     model: Anchor,
-    tokenizer: Tokenizer,
+    framing: Framing,
     started: float,
 ) -> BuildSummary:
     stamp = work / STAMP
@@ -310,7 +336,7 @@ def _train_and_export(
         texts += mined.sentences
         x = torch.cat([x, _embed(embedder, mined.sentences, s.progress)])
     paths = tree.route(x).node_ids  # greedy routing: the path a query of this text would get
-    ids = [[BOS_ID, *tokenizer.encode(w, add_special_tokens=False).ids, EOS_ID] for w in texts]
+    ids = [framing.ids(w) for w in texts]
     data = Sequences.build(ids, paths, s.seq_len)
     device = torch.device(s.device)
     model.to(device)
@@ -324,6 +350,7 @@ def _train_and_export(
                     work_dir=work, seed=s.seed)  # fmt: skip
         if t.resume():
             resumed.append(f"pretrain at step {t.step}")
+        _announce(t, s.progress)
         pretrain_loss = _final(t.run(progress=s.progress))
 
     shape = ModelShape(
@@ -344,9 +371,10 @@ def _train_and_export(
                     work_dir=work, seed=s.seed + 1, generic_prob=1 / (s.branching + 1))  # fmt: skip
         if t.resume():
             resumed.append(f"memories at step {t.step}")
+        _announce(t, s.progress)
         memory_loss = _final(t.run(progress=s.progress))
 
-    _export(s, model.cpu(), tokenizer, memory.cpu(), Router(embedder, tree), shape, work)
+    _export(s, model.cpu(), framing.tokenizer, memory.cpu(), Router(embedder, tree), shape, work)
     shutil.rmtree(work, ignore_errors=True)
     fetched = sum(
         p.numel() for b in memory.path_blocks([0] * s.levels) for p in b.tensors().values()
@@ -360,6 +388,27 @@ def _train_and_export(
         seconds=time.perf_counter() - started, resumed=resumed,
         restated=None if mined is None else mined.summary(),
     )  # fmt: skip
+
+
+def _announce(t: Trainer, progress: bool) -> None:
+    """Say, before a stage starts, how long it will take: a few steps timed on copies."""
+    left = t.s.steps - t.step
+    if not progress or left <= 0:
+        return
+    per_step = t.seconds_per_step()
+    print(
+        f"{t.name}: {left} steps at {per_step:.2f} s each: about {_duration(left * per_step)}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _final(losses: list[float]) -> float | None:
@@ -377,8 +426,17 @@ def _export(
     work: Path,
 ) -> None:
     anchor_dir = work / "anchor"
-    save_anchor(model, anchor_dir)
-    _write_tokenizer(s, tokenizer, anchor_dir, model_max_length=model.config.max_seq_len)
+    if s.anchor_dir is not None and s.freeze_anchor:
+        # The anchor was not trained: the bank holds the user's files byte for byte.
+        anchor_dir.mkdir(parents=True, exist_ok=True)
+        for name in ANCHOR_FILES:
+            if (s.anchor_dir / name).is_file():
+                shutil.copyfile(s.anchor_dir / name, anchor_dir / name)
+        if not (s.anchor_dir / WEIGHTS).is_file():  # sharded: one file, as the bank holds it
+            save_anchor(model, anchor_dir)
+    else:
+        save_anchor(model, anchor_dir)
+        _write_tokenizer(s, tokenizer, anchor_dir, model_max_length=model.config.max_seq_len)
     router_file = work / "router.safetensors"
     router.save(router_file)
     bank_id = s.bank_id or s.out.name
@@ -412,4 +470,11 @@ def _write_tokenizer(
             shutil.copyfile(s.anchor_dir / name, anchor_dir / name)
 
 
-__all__ = ["ANCHOR_SIZES", "BuildError", "BuildSettings", "BuildSummary", "build_bank"]
+__all__ = [
+    "ANCHOR_SIZES",
+    "BuildError",
+    "BuildSettings",
+    "BuildSummary",
+    "Framing",
+    "build_bank",
+]

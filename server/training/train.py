@@ -11,8 +11,10 @@ interrupted build resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,7 +28,10 @@ from tqdm import tqdm
 from server.model.anchor import Anchor
 from server.model.memory_batch import MemoryBatch, build_memory_batch
 from server.training.memory_params import MemoryParams
-from server.training.tokenizer import PAD_ID
+
+# Padding after a window's end: an id no vocabulary has (id 0 is a real token of most Hugging
+# Face vocabularies, so a pad of 0 would leave those tokens unscored).
+PAD = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +51,13 @@ class StageSettings:
 class Sequences:
     """Tokenised training windows, their cluster paths, right-padded into one tensor."""
 
-    tokens: Tensor  # [N, T] long, PAD_ID after each sequence's end
+    tokens: Tensor  # [N, T] long, PAD after each sequence's end
     paths: Tensor  # [N, levels] long node ids
 
     @classmethod
     def build(cls, ids: Sequence[Sequence[int]], paths: Tensor, seq_len: int) -> Sequences:
         T = min(seq_len, max(len(s) for s in ids))
-        tokens = torch.full((len(ids), T), PAD_ID, dtype=torch.long)
+        tokens = torch.full((len(ids), T), PAD, dtype=torch.long)
         for i, s in enumerate(ids):
             s = s[:T]
             tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
@@ -60,9 +65,9 @@ class Sequences:
 
 
 def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Next-token cross-entropy, padding ignored: logits [B, T, V], tokens [B, T]."""
+    """Next-token cross-entropy, padding (`PAD`) ignored: logits [B, T, V], tokens [B, T]."""
     targets = tokens[:, 1:].clone()
-    targets[targets == PAD_ID] = -100
+    targets[targets == PAD] = -100
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
     )
@@ -100,20 +105,24 @@ class Trainer:
         self.s, self.work_dir, self.generic_prob = settings, work_dir, generic_prob
         self.checkpoint_every = checkpoint_every
         self.gen = torch.Generator().manual_seed(seed)
-        groups: list[dict[str, object]] = []
-        anchor_lr = settings.lr * settings.anchor_lr_scale
-        if anchor_lr > 0:
-            groups.append({"params": list(model.parameters()), "lr": anchor_lr,
-                           "weight_decay": settings.weight_decay})  # fmt: skip
-        else:
+        self.trains_anchor = settings.lr * settings.anchor_lr_scale > 0
+        if not self.trains_anchor:
             model.requires_grad_(False)
-        if memory is not None:
-            groups.append({"params": list(memory.parameters()), "lr": settings.lr,
-                           "weight_decay": settings.memory_weight_decay})  # fmt: skip
-        self.opt = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+        self.opt = self._optimizer(model, memory)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _schedule(settings))
         self.step = 0
         self.losses: list[float] = []
+
+    def _optimizer(self, model: Anchor, memory: MemoryParams | None) -> torch.optim.AdamW:
+        groups: list[dict[str, object]] = []
+        if self.trains_anchor:
+            lr = self.s.lr * self.s.anchor_lr_scale
+            groups.append({"params": list(model.parameters()), "lr": lr,
+                           "weight_decay": self.s.weight_decay})  # fmt: skip
+        if memory is not None:
+            groups.append({"params": list(memory.parameters()), "lr": self.s.lr,
+                           "weight_decay": self.s.memory_weight_decay})  # fmt: skip
+        return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -122,9 +131,11 @@ class Trainer:
         return self.work_dir / f"{self.name}.safetensors", self.work_dir / f"{self.name}.json"
 
     def save(self) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        if self.model.config.tie_embeddings:
-            tensors.pop("model.lm_head.weight")
+        tensors: dict[str, Tensor] = {}
+        if self.trains_anchor:  # a frozen anchor is the one it started as: not saved again
+            tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+            if self.model.config.tie_embeddings:
+                tensors.pop("model.lm_head.weight")
         if self.memory is not None:
             tensors |= {f"memory.{k}": v for k, v in self.memory.state_tensors().items()}
         opt = self.opt.state_dict()
@@ -152,7 +163,8 @@ class Trainer:
             return False  # a different build: start this stage again
         tensors = load_file(str(weights))
         model_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
-        self.model.load_state_dict(model_state, strict=not self.model.config.tie_embeddings)
+        if model_state:
+            self.model.load_state_dict(model_state, strict=not self.model.config.tie_embeddings)
         if self.memory is not None:
             self.memory.load_state_tensors(
                 {k[7:]: v for k, v in tensors.items() if k.startswith("memory.")}
@@ -170,36 +182,65 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------
 
-    def _batch_memory(self, paths: Tensor) -> MemoryBatch | None:
-        if self.memory is None:
+    def _batch_memory(
+        self, memory: MemoryParams | None, paths: Tensor, gen: torch.Generator
+    ) -> MemoryBatch | None:
+        if memory is None:
             return None
-        use_generic = torch.rand(len(paths), generator=self.gen) < self.generic_prob
+        use_generic = torch.rand(len(paths), generator=gen) < self.generic_prob
         per_seq = [
-            self.memory.generic_blocks() if g else self.memory.path_blocks(p.tolist())
+            memory.generic_blocks() if g else memory.path_blocks(p.tolist())
             for p, g in zip(paths, use_generic.tolist(), strict=True)
         ]
         return build_memory_batch(per_seq, dtype=torch.float32)
 
+    def _step(
+        self,
+        model: Anchor,
+        memory: MemoryParams | None,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+    ) -> Tensor:
+        """One optimiser step on a random batch; the loss."""
+        N = len(self.data.tokens)
+        idx = torch.randint(N, (min(self.s.batch_size, N),), generator=gen)
+        tokens = self.data.tokens[idx]
+        keep = int((tokens != PAD).sum(1).max())  # trim padding columns
+        tokens = tokens[:, :keep]
+        batch_memory = self._batch_memory(memory, self.data.paths[idx], gen)
+        logits = model(tokens.clamp(min=0), memory=batch_memory)  # pads read as id 0, unscored
+        loss = lm_loss(logits, tokens)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()  # type: ignore[no-untyped-call]
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+        opt.step()
+        return loss.detach()
+
+    def seconds_per_step(self, trials: int = 3) -> float:
+        """Time `trials` steps (after one to warm up) on copies of what trains: the stage's own
+        weights, optimiser and random state are untouched."""
+        # A frozen anchor is only read: shared, not copied (a large one would double the RAM).
+        model = copy.deepcopy(self.model).train() if self.trains_anchor else self.model.train()
+        memory = copy.deepcopy(self.memory)
+        opt, gen = self._optimizer(model, memory), torch.Generator().manual_seed(0)
+        times = []
+        for _ in range(trials + 1):
+            begun = time.perf_counter()
+            self._step(model, memory, opt, gen)
+            if self.data.tokens.is_cuda:
+                torch.cuda.synchronize(self.data.tokens.device)
+            times.append(time.perf_counter() - begun)
+        return sum(times[1:]) / trials
+
     def run(self, *, progress: bool = True, until: int | None = None) -> list[float]:
         """Train to the stage's last step (or to `until`, checkpointing there); the losses."""
         self.model.train()
-        N = len(self.data.tokens)
         stop = self.s.steps if until is None else min(until, self.s.steps)
         bar = tqdm(total=self.s.steps, initial=self.step, desc=self.name, disable=not progress,
                    unit="step", dynamic_ncols=True)  # fmt: skip
         while self.step < stop:
-            idx = torch.randint(N, (min(self.s.batch_size, N),), generator=self.gen)
-            tokens = self.data.tokens[idx]
-            keep = int((tokens != PAD_ID).sum(1).max())  # trim padding columns
-            tokens = tokens[:, :keep]
-            memory = self._batch_memory(self.data.paths[idx])
-            logits = self.model(tokens, memory=memory)
-            loss = lm_loss(logits, tokens)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
-            self.opt.step()
+            loss = self._step(self.model, self.memory, self.opt, self.gen)
             self.sched.step()
             self.step += 1
             self.losses.append(float(loss.detach()))

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 from server.cli import main
 from server.defaults import DEMO_BANK
 from server.model.config import AnchorConfig
+from server.model.families import read_config
 from server.runtime import Runtime
 from server.settings import load_settings
 from server.tokenizer import AnchorTokenizer, ChatTemplateError
@@ -66,7 +67,7 @@ TOOLS = [
 
 
 def demo_config() -> AnchorConfig:
-    return AnchorConfig.from_hf(json.loads((DEMO_ANCHOR / "config.json").read_text()))
+    return read_config(json.loads((DEMO_ANCHOR / "config.json").read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 from server.defaults import DEMO_BANK
 from server.model.config import PRESETS, AnchorConfig
 from server.model.errors import CheckpointError
+from server.model.families import read_config
 from server.tokenizer import AnchorTokenizer, ChatTemplateError
 from server.training.tokenizer import CHAT_TEMPLATE, write_byte_tokenizer
 
@@ -72,7 +73,7 @@ TEXTS = [
 
 
 def demo_config() -> AnchorConfig:
-    return AnchorConfig.from_hf(json.loads((DEMO_ANCHOR / "config.json").read_text()))
+    return read_config(json.loads((DEMO_ANCHOR / "config.json").read_text()))
 
 
 def test_transformers_encodes_and_decodes_the_demo_anchor_as_the_server_does() -> None:

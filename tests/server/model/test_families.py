@@ -21,7 +21,9 @@ from server.model.memory import FFNBlock, KVBlock, LoRABlock, MemoryBlock, Memor
 from server.model.memory_batch import build_memory_batch
 
 # Sequences longer than the 4-token windows below, so the window matters.
-TOKENS = torch.tensor([[1, 5, 17, 3, 88, 42, 9, 61, 2, 33, 7, 19], [4, 4, 8, 15, 16, 23, 42, 0, 1, 2, 90, 3]])  # fmt: skip
+TOKENS = torch.tensor(
+    [[1, 5, 17, 3, 88, 42, 9, 61, 2, 33, 7, 19], [4, 4, 8, 15, 16, 23, 42, 0, 1, 2, 90, 3]]
+)
 SMALL: dict[str, Any] = {
     "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
@@ -46,11 +48,14 @@ FAMILIES = [
         "LlamaConfig",
         {
             "rope_parameters": {
-                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8,
             },
-        },  # fmt: skip
+        },
     ),
     Family(
         "llama-linear-rope",
@@ -59,7 +64,10 @@ FAMILIES = [
         {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
     ),
     Family(
-        "llama-biases", "LlamaForCausalLM", "LlamaConfig", {"attention_bias": True, "mlp_bias": True}
+        "llama-biases",
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        {"attention_bias": True, "mlp_bias": True},
     ),
     Family("mistral", "MistralForCausalLM", "MistralConfig", {"sliding_window": 4}),
     Family("qwen2", "Qwen2ForCausalLM", "Qwen2Config", {"tie_word_embeddings": True}),
@@ -81,9 +89,13 @@ FAMILIES = [
         "gemma3",
         "Gemma3ForCausalLM",
         "Gemma3TextConfig",
-        {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 4,
-         "sliding_window_pattern": 2},
-    ),  # fmt: skip
+        {
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 4,
+            "sliding_window_pattern": 2,
+        },
+    ),
 ]
 IDS = [f.name for f in FAMILIES]
 
@@ -133,11 +145,13 @@ def _zero_blocks(model: Anchor) -> list[list[MemoryBlock]]:
 
 
 def test_float32_logits_equal_the_reference(saved: tuple[Family, torch.nn.Module, Path]) -> None:
-    family, theirs, directory = saved
+    _, theirs, directory = saved
     ours = load_anchor(directory)
     assert ours.config.family == json.loads((directory / "config.json").read_text())["model_type"]
     with torch.no_grad():
-        torch.testing.assert_close(ours(TOKENS), _theirs(theirs, torch.float32), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            ours(TOKENS), _theirs(theirs, torch.float32), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_bf16_logits_equal_the_reference(saved: tuple[Family, torch.nn.Module, Path]) -> None:

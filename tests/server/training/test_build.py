@@ -147,7 +147,7 @@ def test_an_existing_checkpoints_tokenizer_config_and_template_are_kept(tmp_path
             "90 documents for 512 clusters",
         ),
         (["--corpus", "{tmp}/c.jsonl", "--widths", "8,4,2"], "--widths has 3 values for 2 levels"),
-        (["--corpus", "{tmp}/c.jsonl", "--anchor", "{tmp}/mistral"], "unsupported architecture"),
+        (["--corpus", "{tmp}/c.jsonl", "--anchor", "{tmp}/falcon"], "unsupported model_type"),
         (["--corpus", "{tmp}/c.jsonl", "--device", "cuda"], "no CUDA device"),
     ],
 )
@@ -159,8 +159,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(
     corpus(tmp_path / "c.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{oops\n')
-    (tmp_path / "mistral").mkdir()
-    (tmp_path / "mistral" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    (tmp_path / "falcon").mkdir()
+    (tmp_path / "falcon" / "config.json").write_text(json.dumps({"model_type": "falcon"}))
     argv = ["build", "--out", str(tmp_path / "out"), "--no-progress"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main(argv) == 2
