@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from bench.fidelity.routing import bank_routing
 from server.bank.layout import ModelShape
 from server.bank.reader import Bank
 from server.model.checkpoint import load_anchor
 from server.model.memory import MemoryType
+from server.routing import EMBEDDERS
 from server.training.evaluate import EvalReport, Tally, evaluate, level1_ranking
 from server.training.facts import Fact
 from server.training.memory_params import MemoryParams
@@ -30,8 +32,10 @@ from server.training.queries import load_queries
 
 TABLE1_MODES = ("memory", "anchor", "generic")
 # The tables, in report order: 1 accuracy by bucket, 2 memory types, 3 memory size, 4 blocking,
-# 5 the default build served with int8 weights (bench.fidelity.int8).
-TABLES = ("buckets", "types", "sizes", "blocking", "int8")
+# 5 the default build served with int8 weights (bench.fidelity.int8), 6 routing and answers on
+# wording-disjoint queries for each embedder (bench.fidelity.routing, bench.fidelity.wording).
+TABLES = ("buckets", "types", "sizes", "blocking", "int8", "wording")
+DISJOINT = "disjoint"  # the label of an evaluation on wording-disjoint queries
 
 
 @dataclass
@@ -44,6 +48,8 @@ class Plan:
     fetched: list[int]  # parameters of one path's block per level
     scales: list[float]  # the size sweep's scales this build stands for (none: LoRA, KV)
     settings: BuildSettings
+    # A build of another embedder (table 6): one the pipeline refuses is reported, not fatal.
+    optional: bool = False
 
 
 # -- the builds ---------------------------------------------------------------------------------
@@ -108,31 +114,43 @@ def plan_builds(
 ) -> dict[str, Plan]:
     """Every build that `tables` need, from `base` (the default build: FFN, the default widths),
     that one first (it has the most evaluations; every table has it: 2 and 3 compare with it);
-    LoRA and KV for "types", the scaled FFN widths for "sizes". Each in a directory under `work`
+    LoRA and KV for "types", the scaled FFN widths for "sizes", the default build with each other
+    embedder of `EMBEDDERS` for "wording" ("ffn-<embedder>"). Each in a directory under `work`
     named by its settings and the corpus's bytes."""
     shape = model_shape(base.anchor_size)
     widths = base.widths
     ffn = fetched_per_level(MemoryType.FFN, shape, widths, base.lora_targets)
-    wanted: list[tuple[str, MemoryType, tuple[int, ...], float | None]] = [
-        ("ffn", MemoryType.FFN, widths, 1.0)
+    wanted: list[tuple[str, MemoryType, tuple[int, ...], float | None, str]] = [
+        ("ffn", MemoryType.FFN, widths, 1.0, base.embedder)
     ]
     if "types" in tables:
         for kind in (MemoryType.LORA, MemoryType.KV):
             matched = matched_widths(kind, shape, ffn, base.lora_targets)
-            wanted.append((kind.value, kind, matched, None))
+            wanted.append((kind.value, kind, matched, None, base.embedder))
     if "sizes" in tables:
         for factor in sorted(set(scales) - {1.0}):
             scaled = tuple(0 if w == 0 else max(1, round(w * factor)) for w in widths)
-            wanted.append((f"ffn-x{factor:g}", MemoryType.FFN, scaled, factor))
+            wanted.append((f"ffn-x{factor:g}", MemoryType.FFN, scaled, factor, base.embedder))
+    if "wording" in tables:
+        for embedder in EMBEDDERS:
+            if embedder != base.embedder:
+                wanted.append((f"ffn-{embedder}", MemoryType.FFN, widths, None, embedder))
     corpus_digest = hashlib.sha256(base.corpus.read_bytes()).hexdigest()[:16]
     plans: dict[str, Plan] = {}
-    for name, kind, ws, scale in wanted:
-        same = next((p for p in plans.values() if p.memory_type == kind and p.widths == ws), None)
+    for name, kind, ws, scale, embedder in wanted:
+        same = next(
+            (
+                p
+                for p in plans.values()
+                if (p.memory_type, p.widths, p.settings.embedder) == (kind, ws, embedder)
+            ),
+            None,
+        )
         if same is not None:  # a scale that rounds to widths already built
             if scale is not None:
                 same.scales.append(scale)
             continue
-        settings = dataclasses.replace(base, memory_type=kind, widths=ws)
+        settings = dataclasses.replace(base, memory_type=kind, widths=ws, embedder=embedder)
         # The fingerprint of `hmem build`'s resume, of these settings on this corpus's bytes.
         key = dataclasses.replace(settings, corpus=Path(corpus_digest), out=Path("bank"))
         out = work / f"{name}-{key.fingerprint()[:10]}" / "bank"
@@ -144,6 +162,7 @@ def plan_builds(
             fetched,
             [] if scale is None else [scale],
             dataclasses.replace(settings, out=out),
+            optional=embedder != base.embedder,
         )
     return plans
 
@@ -198,6 +217,8 @@ class EvalTask:
     j: int = 0
     seed: int = 0
     device: str = "cpu"
+    # The build, for routing accuracy beside the answers (wording-disjoint evaluations).
+    routed: BuildSettings | None = None
 
 
 def blocked_sets(task: EvalTask, facts: Sequence[Fact]) -> list[set[int]] | None:
@@ -245,23 +266,49 @@ def run_eval(task: EvalTask) -> dict[str, Any]:
         blocked=blocked_sets(task, facts),
     )
     (task.bank.parent / f"eval-{task.label}.json").write_text(report.to_json())
-    accuracy = accuracy_cells(report, task.rare)
-    return {"accuracy": accuracy, "wall_s": time.perf_counter() - started}
+    out: dict[str, Any] = {"accuracy": accuracy_cells(report, task.rare)}
+    if task.routed is not None:
+        out["routing"] = bank_routing(task.bank, task.routed, facts, task.rare)
+    return out | {"wall_s": time.perf_counter() - started}
 
 
 def eval_tasks(
-    plan: Plan, facts: Path, rare: tuple[int, ...], seed: int, tables: Sequence[str] = TABLES
+    plan: Plan,
+    facts: Path,
+    rare: tuple[int, ...],
+    seed: int,
+    tables: Sequence[str] = TABLES,
+    disjoint: Path | None = None,
 ) -> list[EvalTask]:
     """What each build is asked for `tables`: memory and the anchor alone on every build; on the
-    default build also the generic memory ("buckets") and the blocking curves ("blocking")."""
+    default build also the generic memory ("buckets") and the blocking curves ("blocking"); on
+    the default build and each other embedder's, the wording-disjoint queries of `disjoint`
+    with routing accuracy beside ("wording", when the corpus's facts could be so asked)."""
     s = plan.settings
 
     def task(label: str, modes: tuple[str, ...], block: str | None = None, j: int = 0) -> EvalTask:
         return EvalTask(plan.name, label, s.out, facts, modes, rare, block, j, seed, s.device)
 
+    reworded = []
+    if "wording" in tables and disjoint is not None and (plan.name == "ffn" or plan.optional):
+        both = ("memory", "anchor")
+        reworded = [
+            EvalTask(
+                plan.name,
+                DISJOINT,
+                s.out,
+                disjoint,
+                both,
+                rare,
+                seed=seed,
+                device=s.device,
+                routed=s,
+            )
+        ]
     if plan.name != "ffn":
-        return [task("main", ("memory", "anchor"))]
+        return [task("main", ("memory", "anchor")), *reworded]
     tasks = [task("main", TABLE1_MODES if "buckets" in tables else ("memory", "anchor"))]
+    tasks += reworded
     if "blocking" not in tables:
         return tasks
     tasks += [task(f"best-{j}", ("memory",), "best", j) for j in range(s.branching + 1)]

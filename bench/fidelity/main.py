@@ -19,6 +19,14 @@ Each finding is a markdown table in report.md, a PNG beside it, and numbers in f
    (`Anchor.quantize_int8`), against the float model, in float32 and in bfloat16: accuracy by
    bucket with memory and the anchor alone, and the mean and max absolute difference of the
    log-probabilities of the float model's chosen tokens (`bench.fidelity.int8`).
+6. Routing that survives new wording (not the paper's; the issue's): every fact asked in words no
+   document uses (`bench.fidelity.wording`), and for each embedder of `server.routing.EMBEDDERS`
+   the share of queries routed to a leaf that holds their fact, by bucket, in the corpus's own
+   words and in the new ones, clustered as the build clusters but without training
+   (`bench.fidelity.routing`; over `--routing-seeds` seeds), with the time each embedder adds to
+   a build; and beside it, from the default build with each embedder ("ffn-<embedder>"),
+   accuracy on the new wording with memory and the anchor alone and the built bank's routing.
+   An embedder the build refuses (`hmem build --embedder`) is reported as not built.
 
 Whether the paper's ordering holds here (FFN > LoRA > KV, more memory better, best-first blocking
 worse than random, memory beats the anchor on the rarest bucket) is computed from the numbers.
@@ -33,7 +41,8 @@ finish; each writes its predictions beside its bank (`eval-<label>.json`).
 
     python -m bench.fidelity [--source synthetic|geonames | --corpus DIR] [--quick]
                              [--jobs N] [--scales 0.5,1,2] [--out bench/out/fidelity]
-                             [--only buckets,types,sizes,blocking,int8]
+                             [--only buckets,types,sizes,blocking,int8,wording]
+                             [--routing-seeds N]
 
 --only runs a subset of the tables: only the builds and evaluations they need (the default build
 always: tables 2 and 3 compare with it), and writes report.md, fidelity.json and the PNGs of just
@@ -44,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import time
@@ -67,9 +77,13 @@ from bench.fidelity.int8 import Int8Task, run_int8
 from bench.fidelity.markdown import report_markdown
 from bench.fidelity.plots import PNGS, write_plots
 from bench.fidelity.report import summarise
+from bench.fidelity.routing import RoutingTask, run_routing
+from bench.fidelity.wording import disjoint_queries
 from server.cli.training import DefaultsHelpFormatter
+from server.routing import EMBEDDERS
+from server.training.corpus import load_corpus
 from server.training.facts import FACTS_FILE, Fact
-from server.training.pipeline import ANCHOR_SIZES, BuildSettings
+from server.training.pipeline import ANCHOR_SIZES, BuildError, BuildSettings
 from server.training.queries import load_queries
 from server.training.realdata import geonames_corpus
 from server.training.synth import CORPUS_FILE, PHRASINGS, SynthCorpus, generate_corpus
@@ -131,6 +145,20 @@ def prepare_corpus(args: argparse.Namespace, work: Path) -> Corpus:
     return Corpus(out / CORPUS_FILE, out / FACTS_FILE, {"source": args.source} | settings)
 
 
+def write_disjoint(corpus: Corpus, facts: Sequence[Fact], work: Path) -> tuple[Path | None, Any]:
+    """The facts asked in words no document uses, as a facts file under `work` (named by the
+    corpus's bytes), and what could not be so asked; no file when no fact could."""
+    reworded = disjoint_queries(facts, [d.text for d in load_corpus(corpus.corpus)])
+    info = {"asked": len(reworded.facts), "unasked": reworded.unasked}
+    if not reworded.facts:
+        return None, info | {"templates": {}}
+    digest = hashlib.sha256(corpus.corpus.read_bytes()).hexdigest()[:10]
+    path = work / f"disjoint-{digest}.jsonl"
+    lines = [json.dumps(dataclasses.asdict(f), ensure_ascii=False) for f in reworded.facts]
+    path.write_text("\n".join(lines) + "\n")
+    return path, info | {"templates": reworded.templates, "file": str(path)}
+
+
 def describe_corpus(corpus: Corpus, facts: Sequence[Fact]) -> dict[str, Any]:
     with corpus.corpus.open("rb") as f:
         documents = sum(1 for line in f if line.strip())
@@ -179,12 +207,25 @@ def base_settings(args: argparse.Namespace, corpus: Corpus) -> BuildSettings:
 # -- the run ------------------------------------------------------------------------------------
 
 
+@dataclass
+class Results:
+    built: dict[str, dict[str, Any]]  # by build; {"error": ...} for an optional build refused
+    evals: dict[tuple[str, str], dict[str, Any]]  # by (build, evaluation label)
+    routing: list[dict[str, Any]]  # `run_routing`'s, one per (embedder, seed)
+
+
 def run_all(
-    plans: dict[str, Plan], corpus: Corpus, rare: tuple[int, ...], args: argparse.Namespace
-) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
-    """Every build, then its evaluations as it finishes, on `args.jobs` worker processes."""
+    plans: dict[str, Plan],
+    corpus: Corpus,
+    rare: tuple[int, ...],
+    args: argparse.Namespace,
+    disjoint: Path | None,
+) -> Results:
+    """Every build, then its evaluations as it finishes, and table 6's routing measurements, on
+    `args.jobs` worker processes."""
     built: dict[str, dict[str, Any]] = {}
     evals: dict[tuple[str, str], dict[str, Any]] = {}
+    routing: list[dict[str, Any]] = []
     pending: dict[Future[dict[str, Any]], tuple[str, str]] = {}
     left: dict[str, int] = {}  # evaluations not yet done, per build
     pool = ProcessPoolExecutor(
@@ -195,16 +236,37 @@ def run_all(
     try:
         for name, plan in plans.items():
             pending[pool.submit(run_build, plan.settings)] = (name, "")
+        if "wording" in args.only and disjoint is not None:
+            base = plans["ffn"].settings
+            for embedder in EMBEDDERS:
+                for seed in range(base.seed, base.seed + args.routing_seeds):
+                    routed = RoutingTask(embedder, seed, base, corpus.facts, rare)
+                    pending[pool.submit(run_routing, routed)] = ("", f"routing {embedder} {seed}")
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 name, label = pending.pop(future)
                 try:
                     result = future.result()
+                except BuildError as exc:
+                    if label or not plans[name].optional:
+                        raise
+                    # Another embedder than the default, which this pipeline does not build.
+                    built[name] = {"error": str(exc)}
+                    print(f"[{len(built)}/{len(plans)}] {name}: not built: {exc}", flush=True)
+                    continue
                 except Exception as exc:
                     what = f"evaluation {label} of {name}" if label else f"build {name}"
                     print(f"{what} failed: {type(exc).__name__}: {exc}", flush=True)
                     raise
+                if not name:
+                    routing.append(result)
+                    print(
+                        f"      {label}: {result['embed_s']:.1f} s to embed "
+                        f"{result['texts']} texts",
+                        flush=True,
+                    )
+                    continue
                 if label:
                     evals[(name, label)] = result
                     left[name] -= 1
@@ -225,7 +287,7 @@ def run_all(
                     f"{','.join(map(str, plan.widths))}): {how}",
                     flush=True,
                 )
-                tasks = eval_tasks(plan, corpus.facts, rare, args.seed, args.only)
+                tasks = eval_tasks(plan, corpus.facts, rare, args.seed, args.only, disjoint)
                 left[name] = len(tasks)
                 for task in tasks:
                     pending[pool.submit(run_eval, task)] = (name, task.label)
@@ -237,7 +299,7 @@ def run_all(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
-    return built, evals
+    return Results(built, evals, routing)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -328,6 +390,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             choices=list(ANCHOR_SIZES) if key == "anchor_size" else None,
             help=f"{what} (default: BuildSettings' {default}; --quick: {QUICK[key]})",
         )
+    p.add_argument(
+        "--routing-seeds",
+        type=int,
+        default=1,
+        help="table 6: clusterings measured per embedder, seeds SEED.. (routing only, no build)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="builds, corpus and random blocking")
     p.add_argument("--device", default=d.device, help="builds and evaluations (cpu, cuda)")
     args = p.parse_args(argv)
@@ -338,6 +406,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.scales = args.scales or (QUICK_SCALES if args.quick else SCALES)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.routing_seeds < 1:
+        p.error("--routing-seeds must be >= 1")
     return args
 
 
@@ -356,15 +426,16 @@ def main() -> None:
     rare = tuple(buckets[-2:])
     plans = plan_builds(base_settings(args, corpus), args.scales, work, args.only)
     described = describe_corpus(corpus, facts)
+    disjoint, reworded = write_disjoint(corpus, facts, work)
     print(
         f"corpus: {described['documents']} documents, {len(facts)} facts, buckets "
         f"{','.join(map(str, buckets))}; tables {','.join(args.only)}: {len(plans)} builds on "
         f"{args.jobs} worker(s) in {work}",
         flush=True,
     )
-    built, evals = run_all(plans, corpus, rare, args)
+    got = run_all(plans, corpus, rare, args, disjoint if "wording" in args.only else None)
     elapsed = time.perf_counter() - started
-    results = summarise(plans, built, evals, facts, rare, args.only)
+    results = summarise(plans, got.built, got.evals, facts, rare, args.only, got.routing, reworded)
     settings = plans["ffn"].settings
     header = {
         "command": command,
@@ -382,7 +453,7 @@ def main() -> None:
     report = header | results
     (args.out / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
     for table in TABLES:  # a figure left by an earlier run of another table: not this run's
-        if table not in args.only:
+        if table not in results["tables"]:
             (args.out / PNGS[table]).unlink(missing_ok=True)
     pngs = write_plots(report, args.out)
     text = report_markdown(report, {t: p.name for t, p in pngs.items()})

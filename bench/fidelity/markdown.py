@@ -17,6 +17,7 @@ from bench.fidelity.report import (
     TYPES,
     claims,
 )
+from bench.fidelity.wording_table import section_wording
 
 # -- markdown -----------------------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ def header_lines(r: dict[str, Any]) -> list[str]:
         f"{', '.join(map(str, c['buckets']))} (0 = most mentioned); rarest = bucket "
         f"{r['rarest_bucket']}, rare = buckets {', '.join(map(str, r['rare_buckets']))} pooled",
         f"- build settings (`BuildSettings`' defaults but where shown; the builds below differ "
-        f"only in memory type and widths): {settings}",
+        f"only in memory type and widths, and ffn-<embedder> in its embedder): {settings}",
         tables_line(r),
         f"- {n} build{'s' * (n != 1)} and {'its' if n == 1 else 'their'} evaluations in "
         f"{r['elapsed_s']:.0f} s "
@@ -389,6 +390,7 @@ SECTIONS = {
     "sizes": section_sizes,
     "blocking": section_blocking,
     "int8": section_int8,
+    "wording": section_wording,
 }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fidelity.report import METRICS, TYPES
+from bench.fidelity.wording_table import plot_wording
 
 COLORS = {"all": "tab:blue", "rarest": "tab:red"}  # the metrics of the line plots
 PNGS = {
@@ -17,6 +18,7 @@ PNGS = {
     "sizes": "fidelity_size.png",
     "blocking": "fidelity_blocking.png",
     "int8": "fidelity_int8.png",
+    "wording": "fidelity_wording.png",
 }
 
 
@@ -104,6 +106,7 @@ PLOTS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
     "sizes": plot_sizes,
     "blocking": plot_blocking,
     "int8": plot_int8,
+    "wording": plot_wording,
 }
 
 

@@ -1,12 +1,14 @@
-"""Smoke test of bench.fidelity in quick mode: four tiny builds (FFN, LoRA, KV, half-width FFN)
-and their evaluations, end to end. The accuracies are not checked (20 + 20 steps learn no facts);
-their shape, range and consistency are: the blocking curve with nothing blocked is the default
-build's memory accuracy, fact by fact, and with everything blocked the anchor's; blocking the
-best-matching subtree moves every fact off its routed subtree; LoRA and KV fetch as many
-parameters as FFN; the int8 table's float32 variant answers as `hmem eval` does, fact by fact,
-and int8 moves log-probabilities a little, not nothing; a second run reuses every bank and
-reports the same numbers; a run with `--only buckets,blocking` on the same work directory reuses
-the default build's bank alone and writes tables 1 and 4 only, with the same numbers, and one with
+"""Smoke test of bench.fidelity in quick mode: the tiny builds (FFN, LoRA, KV, half-width FFN,
+and the default FFN with each other embedder) and their evaluations, end to end. The accuracies
+are not checked (20 + 20 steps learn no facts); their shape, range and consistency are: the
+blocking curve with nothing blocked is the default build's memory accuracy, fact by fact, and
+with everything blocked the anchor's; blocking the best-matching subtree moves every fact off its
+routed subtree; LoRA and KV fetch as many parameters as FFN; the int8 table's float32 variant
+answers as `hmem eval` does, fact by fact, and int8 moves log-probabilities a little, not
+nothing; table 6 routes every embedder's wording-disjoint queries, and a built bank routes them
+as the routing-only measurement of its embedder does; a second run reuses every bank and reports
+the same numbers; a run with `--only buckets,blocking` on the same work directory reuses the
+default build's bank alone and writes tables 1 and 4 only, with the same numbers, and one with
 `--only int8` reuses it and the int8 conversion. Without a build: --only picks the builds and
 evaluations its tables need, and rejects an unknown table by naming the choices."""
 
@@ -27,6 +29,7 @@ from bench.fidelity.builds import TABLES as TABLE_NAMES
 from bench.fidelity.builds import eval_tasks, plan_builds
 from bench.fidelity.main import parse_args
 from bench.fidelity.report import goals
+from server.routing import EMBEDDERS
 from server.training.pipeline import BuildSettings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +39,7 @@ PNGS = (
     "fidelity_size.png",
     "fidelity_blocking.png",
     "fidelity_int8.png",
+    "fidelity_wording.png",
 )
 TABLES = (
     "| bucket | mentions | facts | memory | anchor | generic |",
@@ -43,9 +47,13 @@ TABLES = (
     "| width scale | widths | fetched per path | % of anchor | memory: rarest |",
     "| blocked j | fraction of the bank | best-first: all | best-first: rarest |",
     "| bucket | mentions | facts | memory: float32 | memory: int8 | Δ | anchor: float32 |",
+    "| bucket | hashed-tfidf: own words / new words |",
 )
 VARIANTS = ("float32", "int8", "bfloat16", "int8-bf16")
 BRANCHING = 4  # --quick
+# The builds of a full quick run: the four of tables 1-5, then the default with each other
+# embedder (table 6), which the pipeline may refuse.
+BUILDS = 4 + len(EMBEDDERS) - 1
 
 
 def cells(tree: Any) -> Iterator[dict[str, Any]]:
@@ -55,6 +63,13 @@ def cells(tree: Any) -> Iterator[dict[str, Any]]:
     elif isinstance(tree, dict):
         for value in tree.values():
             yield from cells(value)
+
+
+def untimed(tree: Any) -> Any:
+    """`tree` without its seconds (table 6 keeps each embedder's time beside its accuracy)."""
+    if isinstance(tree, dict):
+        return {k: untimed(v) for k, v in tree.items() if not k.endswith("_s")}
+    return tree
 
 
 def predictions(bank: Path, label: str, mode: str = "memory") -> list[dict[str, Any]]:
@@ -75,21 +90,23 @@ def run(out: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    """One quick run of all five tables (its banks under OUT/work); its stdout lines."""
+    """One quick run of all six tables (its banks under OUT/work); its stdout lines."""
     out = tmp_path_factory.mktemp("fidelity") / "out"
     return out, run(out).stdout.splitlines()
 
 
 @pytest.mark.slow
-def test_quick_run_reports_five_consistent_tables_and_plots(
+def test_quick_run_reports_six_consistent_tables_and_plots(
     full_run: tuple[Path, list[str]],
 ) -> None:
     out, lines = full_run
     assert lines[0].startswith("machine:")
     assert lines[1].startswith("command: python")
-    progress = [line for line in lines if re.match(r"\[\d/4\] ", line)]
-    assert len(progress) == 4
-    assert all(re.search(r": built in \d+ s$", line) for line in progress)
+    progress = [line for line in lines if re.match(rf"\[\d/{BUILDS}\] ", line)]
+    assert len(progress) == BUILDS
+    refused = [line for line in progress if ": not built: --embedder" in line]
+    assert all(re.search(r"^\[\d/\d\] ffn-[a-z-]+: not built", line) for line in refused)
+    assert all(re.search(r": built in \d+ s$", line) for line in progress if line not in refused)
 
     report = (out / "report.md").read_text()
     for head in TABLES:
@@ -104,7 +121,7 @@ def test_quick_run_reports_five_consistent_tables_and_plots(
     acc = data["accuracy"]
 
     # Every cell of every table, a number in [0, 1] over some facts.
-    assert set(acc) == {"by_bucket", "memory_types", "memory_size", "blocking", "int8"}
+    assert set(acc) == {"by_bucket", "memory_types", "memory_size", "blocking", "int8", "wording"}
     assert set(acc["by_bucket"]) == {"memory", "anchor", "generic"}
     assert all(list(c) == ["0", "1", "2", "3", "4", "all"] for c in acc["by_bucket"].values())
     assert {k: list(c) for k, c in acc["memory_types"].items()} == {
@@ -114,8 +131,9 @@ def test_quick_run_reports_five_consistent_tables_and_plots(
     assert [list(c) for c in acc["blocking"].values()] == [["0", "1", "2", "3", "4"]] * 2
     assert list(acc["int8"]) == list(VARIANTS)
     assert all(list(v) == ["memory", "anchor"] for v in acc["int8"].values())
-    found = list(cells(acc))
+    found = list(cells({k: v for k, v in acc.items() if k != "wording"}))
     assert len(found) == 18 + 9 + 2 * 2 * 2 + 2 * 5 * 2 + 4 * 2 * 6
+    found += check_wording(data, refused)
     for c in found:
         assert type(c["accuracy"]) is float
         assert 0.0 <= c["accuracy"] <= 1.0
@@ -157,11 +175,11 @@ def test_quick_run_reports_five_consistent_tables_and_plots(
 
     # Run again: every bank reused, the same numbers.
     lines = run(out).stdout.splitlines()
-    progress = [line for line in lines if re.match(r"\[\d/4\] ", line)]
-    assert len(progress) == 4
-    assert all(": reused" in line for line in progress)
+    progress = [line for line in lines if re.match(rf"\[\d/{BUILDS}\] ", line)]
+    assert len(progress) == BUILDS
+    assert all(": reused" in line or ": not built" in line for line in progress)
     again = json.loads((out / "fidelity.json").read_text())
-    assert again["accuracy"] == acc
+    assert untimed(again["accuracy"]) == untimed(acc)
     assert all(b["reused"] for b in again["builds"].values())
     assert "not measured in this run" not in (out / "report.md").read_text()
 
@@ -183,7 +201,7 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert ": reused" in progress[0]
 
     report = (out / "report.md").read_text()
-    for head, shown in zip(TABLES, (True, False, False, True, False), strict=True):
+    for head, shown in zip(TABLES, (True, False, False, True, False, False), strict=True):
         assert (head in report) is shown
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["fidelity.json", "report.md", PNGS[0], PNGS[3]]
@@ -217,7 +235,7 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert "--only buckets,blocking" in data["command"]
     assert data["settings"] == whole["settings"]
     assert data["tables"] == ["buckets", "blocking"]
-    assert data["not_measured"] == ["types", "sizes", "int8"]
+    assert data["not_measured"] == ["types", "sizes", "int8", "wording"]
     assert list(data["builds"]) == ["ffn"]
     assert data["builds"]["ffn"]["bank"] == whole["builds"]["ffn"]["bank"]
     assert data["builds"]["ffn"]["reused"]
@@ -225,7 +243,9 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
     assert set(acc) == {"by_bucket", "blocking"}
     assert acc["by_bucket"] == whole["accuracy"]["by_bucket"]
     assert acc["blocking"] == whole["accuracy"]["blocking"]
-    assert data["goals"] == {k: v for k, v in whole["goals"].items() if k != "int8"}
+    assert data["goals"] == {
+        k: v for k, v in whole["goals"].items() if k not in ("int8", "wording")
+    }
     assert set(data["goals"]) == {"rarest_memory_vs_anchor", "blocked_best_subtree"}
     # The checks: those of tables 1 and 4, as in the full run; those of 2 and 3 are not made.
     measured = {"memory beats", "blocking the best", "blocking 1/", "best-first below"}
@@ -239,6 +259,48 @@ def test_quick_only_buckets_and_blocking(full_run: tuple[Path, list[str]], tmp_p
         "- more memory is better",
     ]
     assert "%" not in "".join(skipped)  # no value for what was not measured
+
+
+def check_wording(data: dict[str, Any], refused: list[str]) -> list[dict[str, Any]]:
+    """Table 6 of a quick run: every embedder routed, in the corpus's words and in new ones; an
+    embedder built routes its bank's queries as its routing-only measurement did (one seed: the
+    build's), one refused says why; the queries share no word with the corpus but the entity's
+    name; the goal names the best. Returns the table's accuracy cells."""
+    t6, builds = data["accuracy"]["wording"], data["builds"]
+    assert list(t6["embedders"]) == list(EMBEDDERS)
+    assert t6["asked"] == data["corpus"]["facts"]
+    assert not t6["unasked"]
+    refused_names = {line.split("] ")[1].split(":")[0] for line in refused}
+    assert set(data["unbuilt"]) == refused_names
+    for name, e in t6["embedders"].items():
+        assert e["seeds"] == [0]
+        assert e["embed_s"] > 0
+        assert e["unheld"] == 0  # every fact is stated by some text the build trains on
+        build = e["build"]
+        assert build == ("ffn" if e["default"] else f"ffn-{name}")
+        if build in refused_names:
+            assert "error" in e
+            assert "answers" not in e
+            continue
+        assert builds[build]["bank"].endswith("/bank")
+        leaf = e["routing"]["disjoint"]["leaf"]
+        assert e["bank_routing"] == leaf["buckets"] | {
+            k: leaf[k] for k in ("all", "rarest", "rare")
+        }
+        assert set(e["answers"]) == {"memory", "anchor"}
+    best = t6["best"]
+    routed = data["goals"]["wording"]["routed"]
+    assert routed[best] == max(routed.values())
+    assert data["goals"]["wording"]["met"] == (best == t6["default"])
+    lines = Path(data["corpus"]["corpus"]).read_text().splitlines()
+    corpus = [json.loads(line)["text"] for line in lines if line.strip()]
+    seen = {w for text in corpus for w in re.findall(r"\w+", text.lower())}
+    asked = predictions(Path(builds["ffn"]["bank"]), "disjoint")
+    assert len(asked) == data["corpus"]["facts"]
+    for p in asked:
+        name = set(re.findall(r"\w+", p["entity"].lower()))
+        assert not (set(re.findall(r"\w+", p["query"].lower())) - name) & seen
+    return list(cells(t6))
 
 
 def check_int8(data: dict[str, Any], bank: Path) -> None:
@@ -398,7 +460,23 @@ def test_only_plans_the_builds_and_evaluations_of_its_tables(tmp_path: Path) -> 
     assert planned(("buckets", "blocking")) == {"ffn": ["main", *blocking]}
     assert planned(("types",)) == {"ffn": ["main"], "lora": ["main"], "kv": ["main"]}
     assert planned(("sizes",)) == {"ffn": ["main"], "ffn-x0.5": ["main"]}
-    assert list(planned(TABLE_NAMES)) == ["ffn", "lora", "kv", "ffn-x0.5"]
+    others = [f"ffn-{e}" for e in EMBEDDERS if e != base.embedder]
+    assert list(planned(TABLE_NAMES)) == ["ffn", "lora", "kv", "ffn-x0.5", *others]
+    # Table 6: the default build with each other embedder, each asked its own queries; the
+    # wording-disjoint ones only where the corpus's facts could be so asked.
+    assert planned(("wording",)) == {"ffn": ["main"]} | {n: ["main"] for n in others}
+    disjoint = tmp_path / "disjoint.jsonl"
+    plans = plan_builds(base, (1.0,), tmp_path, ("wording",))
+    assert {n: p.settings.embedder for n, p in plans.items()} == {"ffn": base.embedder} | {
+        f"ffn-{e}": e for e in EMBEDDERS if e != base.embedder
+    }
+    assert [p.optional for p in plans.values()] == [False] + [True] * len(others)
+    for plan in plans.values():
+        tasks = eval_tasks(plan, facts, rare, 0, ("wording",), disjoint)
+        assert [(t.label, t.facts, t.routed) for t in tasks] == [
+            ("main", facts, None),
+            ("disjoint", disjoint, plan.settings),
+        ]
     # The default build's main evaluation: the generic memory only for table 1.
     ffn = plan_builds(base, (1.0,), tmp_path, ("types",))["ffn"]
     assert eval_tasks(ffn, facts, rare, 0, ("types",))[0].modes == ("memory", "anchor")
