@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -127,8 +128,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     @property
-    def _files(self) -> tuple[Path, Path]:
-        return self.work_dir / f"{self.name}.safetensors", self.work_dir / f"{self.name}.json"
+    def _file(self) -> Path:
+        return self.work_dir / f"{self.name}.safetensors"
 
     def save(self) -> None:
         tensors: dict[str, Tensor] = {}
@@ -145,20 +146,25 @@ class Trainer:
         tensors["rng"] = self.gen.get_state()
         meta = {"step": self.step, "losses": self.losses[-1000:], "sched": self.sched.state_dict(),
                 "param_groups": opt["param_groups"], "settings": asdict(self.s)}  # fmt: skip
-        weights, info = self._files
+        # One file, renamed into place: the step count and the weights never disagree, however
+        # the process ends.
+        weights = self._file
         self.work_dir.mkdir(parents=True, exist_ok=True)
         tmp = weights.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp))
+        save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, str(tmp),
+                  metadata={"trainer": json.dumps(meta)})  # fmt: skip
         tmp.replace(weights)
-        info.with_suffix(".tmp").write_text(json.dumps(meta))
-        info.with_suffix(".tmp").replace(info)
 
     def resume(self) -> bool:
         """Load this stage's checkpoint if there is one; True when it was loaded."""
-        weights, info = self._files
-        if not (weights.is_file() and info.is_file()):
+        weights = self._file
+        if not weights.is_file():
             return False
-        meta = json.loads(info.read_text())
+        with safe_open(str(weights), framework="pt") as f:
+            stored = (f.metadata() or {}).get("trainer")
+        if stored is None:
+            return False  # written by an older hmem, without its step: start this stage again
+        meta = json.loads(stored)
         if meta["settings"] != asdict(self.s):
             return False  # a different build: start this stage again
         tensors = load_file(str(weights))
