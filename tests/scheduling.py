@@ -27,6 +27,8 @@ ONE_UNIT = {
 LONGEST = (
     RAY,  # ~160: the cluster bench (~105), the Ray cluster tests (~55); slower beside a worker
     "tests/server/training/test_paraphrase_recall.py",  # ~105: trains a tiny bank
+    "tests/server/model/test_families.py",  # ~70: every family against transformers
+    "tests/server/training/test_pretrain.py",  # ~45: tiny pretrains, one killed and resumed
     "tests/bench/test_fidelity_bench.py",  # ~35: four tiny builds, then two more runs
     "tests/bench/test_soak_bench.py",  # ~35: 25 s of load and faults
     "tests/bench/test_scale_bench.py",
