@@ -189,7 +189,12 @@ def _add_build(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=d.anchor_size,
         help=f"anchor trained from scratch ({sizes})",
     )
-    b.add_argument("--anchor", type=Path, help="existing Hugging Face Llama checkpoint directory")
+    b.add_argument(
+        "--anchor",
+        type=Path,
+        help="an existing Hugging Face checkpoint directory (Llama, Mistral, Qwen2/3, Phi-3, "
+        "Gemma 2/3: docs/models.md) or one `hmem pretrain` wrote; memories are trained on it",
+    )
     b.add_argument(
         "--freeze-anchor",
         action=argparse.BooleanOptionalAction,
