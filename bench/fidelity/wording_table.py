@@ -4,7 +4,8 @@ measurements and the builds of each embedder), its markdown section and its figu
 Routing cells of several clustering seeds are pooled (correct and total summed over seeds), so a
 cell's accuracy is the mean over seeds; the spread of all facts' accuracy is kept beside it. The
 embedder that routes best is the one with the highest accuracy on all wording-disjoint queries
-(the rare buckets break a tie, then the default wins it); the goal is that the build's default embedder is that one.
+(the rare buckets break a tie, then the default wins it); the goal is that the build's default
+embedder is that one.
 """
 
 from __future__ import annotations
