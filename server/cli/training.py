@@ -18,6 +18,7 @@ import torch
 from server.bank.manifest import BANK_ID_RE
 from server.cli import TRAINING_COMMANDS
 from server.model.memory import LORA_TARGETS, MemoryType
+from server.routing.embedders import EMBEDDERS
 from server.training.demo import build_demo
 from server.training.evaluate import MODES, evaluate
 from server.training.facts import FACTS_FILE
@@ -172,9 +173,10 @@ def _add_build(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     b.add_argument(
         "--embedder",
-        choices=["hashed-tfidf", "minilm"],
+        choices=list(EMBEDDERS),
         default=d.embedder,
-        help="what texts are clustered and routed by",
+        help="what texts are clustered and routed by: "
+        + "; ".join(f"{name}: {what}" for name, what in EMBEDDERS.items()),
     )
     b.add_argument(
         "--embed-dim", type=_at_least(1), default=d.embed_dim, help="hashed-tfidf dimensions"

@@ -40,8 +40,8 @@ from server.model.checkpoint import WEIGHTS, load_anchor, save_anchor
 from server.model.config import AnchorConfig
 from server.model.errors import ModelError
 from server.model.memory import LORA_TARGETS, MemoryType
-from server.routing import HashedTfidfEmbedder, MiniLMEmbedder, Router, cluster_hierarchically
-from server.routing.embedders import Embedder
+from server.routing import Router, cluster_hierarchically
+from server.routing.embedders import EMBEDDERS, Embedder, make_embedder
 from server.tokenizer import CHAT_TEMPLATE_FILE, TOKENIZER, TOKENIZER_CONFIG, AnchorTokenizer
 from server.training.corpus import CorpusError, load_corpus, split_windows
 from server.training.memory_params import MemoryParams
@@ -79,7 +79,9 @@ class BuildSettings:
     widths: tuple[int, ...] = (48, 32)
     memory_type: MemoryType = MemoryType.FFN
     lora_targets: tuple[str, ...] = ("q", "v")
-    embedder: str = "hashed-tfidf"  # or "minilm"
+    # Words alone route queries in new wording best (docs/results.md, "Routing that survives
+    # new wording"); `server.routing.EMBEDDERS` lists the others.
+    embedder: str = "hashed-tfidf-unigram"
     embed_dim: int = 8192
     minilm_dir: Path | None = None
     anchor_size: str = "tiny"
@@ -160,8 +162,8 @@ def _check(s: BuildSettings) -> None:
         raise BuildError(f"--lora-targets must be among {', '.join(LORA_TARGETS)}")
     if s.anchor_dir is None and s.anchor_size not in ANCHOR_SIZES:
         raise BuildError(f"--anchor-size must be one of {', '.join(ANCHOR_SIZES)}")
-    if s.embedder not in ("hashed-tfidf", "minilm"):
-        raise BuildError("--embedder must be hashed-tfidf or minilm")
+    if s.embedder not in EMBEDDERS:
+        raise BuildError(f"--embedder must be one of {', '.join(EMBEDDERS)}")
     if s.device.startswith("cuda") and not torch.cuda.is_available():
         raise BuildError("--device cuda: no CUDA device is available")
     if (s.out / "manifest.json").exists() and not s.overwrite:
@@ -218,11 +220,7 @@ def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Framing]:
 
 
 def _embedder(s: BuildSettings, texts: Sequence[str]) -> Embedder:
-    if s.embedder == "minilm":
-        return (
-            MiniLMEmbedder.from_dir(s.minilm_dir) if s.minilm_dir else MiniLMEmbedder.from_package()
-        )
-    return HashedTfidfEmbedder(dim=s.embed_dim, seed=s.seed).fit(texts)
+    return make_embedder(s.embedder, texts, dim=s.embed_dim, seed=s.seed, minilm_dir=s.minilm_dir)
 
 
 def _embed(embedder: Embedder, texts: Sequence[str], progress: bool) -> torch.Tensor:
