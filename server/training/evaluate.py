@@ -298,6 +298,14 @@ def ask_facts(
     return predictions, ids
 
 
+def _prompt(tokenizer: AnchorTokenizer, query: str, *, chat: bool) -> list[int]:
+    """A completion prompt's ids, or a one-turn chat's as the server builds them."""
+    if not chat:
+        return tokenizer.encode(query)
+    rendered = tokenizer.render_chat([{"role": "user", "content": query}])
+    return tokenizer.encode(rendered, add_bos=False)  # the template writes the BOS
+
+
 def evaluate(
     bank_dir: str | Path,
     facts: Sequence[Fact] | str | Path,
@@ -310,6 +318,7 @@ def evaluate(
     blocked: Sequence[Collection[int]] | None = None,
     dtype: torch.dtype = torch.float32,
     weights: Literal["float", "int8"] = "float",
+    chat: bool = False,
 ) -> EvalReport:
     """Ask every fact's query in each mode and score the greedy continuation.
 
@@ -325,6 +334,10 @@ def evaluate(
     `dtype` and `weights` are those of serving (`hmem serve --dtype --weights`): the anchor is
     loaded in `dtype` and, with `weights="int8"`, quantized as `--weights int8` does; an int8
     bank's memories are int8 either way.
+
+    `chat`: each fact's query is a user's message, asked as the server asks a one-turn chat:
+    rendered by the anchor's chat template with the assistant's line to answer on, and routed on
+    the message alone (`server.training.chat.as_chat` makes such facts from a corpus's facts).
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes or len(set(modes)) != len(modes):
@@ -340,7 +353,7 @@ def evaluate(
         model.quantize_int8()
     tokenizer = AnchorTokenizer.from_dir(bank.anchor_dir, model.config)
     memories = _Memories(bank, [f.query for f in fact_list], modes, blocked)
-    prompts = [tokenizer.encode(f.query) for f in fact_list]
+    prompts = [_prompt(tokenizer, f.query, chat=chat) for f in fact_list]
     budgets = [max_new_tokens or answer_tokens(tokenizer, f.query, f.answer) + 1 for f in fact_list]
     batches = -(-len(fact_list) // batch_size)
     with tqdm(
