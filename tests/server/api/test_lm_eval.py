@@ -6,6 +6,11 @@ the three small tasks in `lm_eval_tasks/`, one per request type: loglikelihood, 
 and generate_until with six stop strings. lm-eval runs in a subprocess, offline, once with token-id
 prompts (`tokenized_requests=True`) and once with text prompts (False).
 
+A fourth task, `hmem_elements_chat`, asks every element's atomic number as a chat question with
+lm-eval's `local-chat-completions` model and `apply_chat_template`: the server renders the message
+with the anchor's chat template, and the demo, trained on conversations in that template as well as
+documents, must answer at least 80% of them.
+
 Every figure lm-eval reports must be the server's own answer for the same text, asked directly:
 a loglikelihood is the sum of the logprobs the server echoes for the continuation, a generation is
 the server's greedy completion of the prompt with the same stop strings. So a score is the same
@@ -37,6 +42,7 @@ LOGLIKELIHOOD = "hmem_elements_loglikelihood"
 CHOICE = "hmem_elements_choice"
 GENERATE = "hmem_elements_generate"
 TASKS = (LOGLIKELIHOOD, CHOICE, GENERATE)
+CHAT = "hmem_elements_chat"
 MODES = pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
 
 # lm-eval's Python API in a child process, so the offline switches hold from its first import and
@@ -72,6 +78,33 @@ for tokenized in (True, False):
     }
 with open(out, "w") as f:
     json.dump(runs, f, default=str)
+"""
+
+# The chat task through the chat-completions API, its messages rendered by the server. argv as
+# above, then the task.
+_RUN_LM_EVAL_CHAT = """
+import json, sys
+import lm_eval
+from lm_eval.tasks import TaskManager
+
+base_url, model, out, task = sys.argv[1:5]
+results = lm_eval.simple_evaluate(
+    model="local-chat-completions",
+    model_args=f"base_url={base_url}/v1/chat/completions,model={model},num_concurrent=1,"
+    "max_retries=1",
+    tasks=[task],
+    task_manager=TaskManager(include_path=".", include_defaults=False),
+    apply_chat_template=True,
+    bootstrap_iters=0,
+    log_samples=True,
+)
+samples = [
+    {"doc_id": s["doc_id"], "arguments": s["arguments"], "resps": s["resps"],
+     "filtered_resps": s["filtered_resps"], "target": s["target"]}
+    for s in results["samples"][task]
+]
+with open(out, "w") as f:
+    json.dump({"results": results["results"], "samples": samples}, f, default=str)
 """
 
 
@@ -147,12 +180,8 @@ def server(base_url: str) -> Iterator[Server]:
         yield Server(client, card["id"])
 
 
-@pytest.fixture(scope="module")
-def runs(
-    base_url: str, server: Server, tmp_path_factory: pytest.TempPathFactory
-) -> dict[bool, Run]:
-    tmp = tmp_path_factory.mktemp("lm_eval_run")
-    out = tmp / "runs.json"
+def _lm_eval(script: str, tmp: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """lm-eval's Python API run by `script` in a child process, offline, from the task folder."""
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     env.update(
         HF_HUB_OFFLINE="1",
@@ -162,8 +191,8 @@ def runs(
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN_LM_EVAL, base_url, server.model, str(out), *TASKS],
+    return subprocess.run(
+        [sys.executable, "-c", script, *argv],
         cwd=TASK_DIR,
         env=env,
         capture_output=True,
@@ -171,6 +200,15 @@ def runs(
         timeout=300,
         check=False,
     )
+
+
+@pytest.fixture(scope="module")
+def runs(
+    base_url: str, server: Server, tmp_path_factory: pytest.TempPathFactory
+) -> dict[bool, Run]:
+    tmp = tmp_path_factory.mktemp("lm_eval_run")
+    out = tmp / "runs.json"
+    proc = _lm_eval(_RUN_LM_EVAL, tmp, base_url, server.model, str(out), *TASKS)
     assert proc.returncode == 0, f"lm-eval failed:\n{proc.stderr[-6000:]}"
     data = json.loads(out.read_text())
     return {
@@ -259,3 +297,43 @@ def test_scores_do_not_depend_on_how_prompts_are_sent(
     assert text[GENERATE]["exact_match,none"] >= 0.5
     assert text[LOGLIKELIHOOD]["acc,none"] >= 0.5
     assert text[CHOICE]["acc,none"] >= 0.75
+
+
+def test_chat_template_run_answers_the_elements(
+    base_url: str, server: Server, tmp_path: Path
+) -> None:
+    """lm-eval's chat run on every element: its replies are the server's own chat answers, and
+    the demo's replies give at least 80% of the atomic numbers."""
+    out = tmp_path / "chat.json"
+    proc = _lm_eval(_RUN_LM_EVAL_CHAT, tmp_path, base_url, server.model, str(out), CHAT)
+    assert proc.returncode == 0, f"lm-eval failed:\n{proc.stderr[-6000:]}"
+    run = json.loads(out.read_text())
+    samples = sorted(run["samples"], key=lambda s: int(s["doc_id"]))
+    assert len(samples) == 118
+    wrong = []
+    for sample in samples:
+        ((prompt, gen_kwargs),) = sample["arguments"]
+        # The messages as lm-eval sent them: a JSON string (logged inside a list).
+        (text,) = prompt if isinstance(prompt, list) else [prompt]
+        chat = json.loads(text)
+        assert chat == [{"role": "user", "content": chat[-1]["content"]}], chat
+        got = sample["resps"][0][0]
+        done = server.client.post(
+            "/v1/chat/completions",
+            json={
+                "model": server.model,
+                "messages": chat,
+                "max_tokens": gen_kwargs["max_gen_toks"],
+                "temperature": 0,
+                "stop": gen_kwargs["until"],
+            },
+        )
+        assert done.status_code == 200, done.text
+        want = done.json()["choices"][0]["message"]["content"]
+        if got != want:
+            wrong.append(f"{chat!r}: lm-eval {got!r}, server {want!r}")
+    assert not wrong, "\n".join(wrong)
+    answered = [s["filtered_resps"][0] == s["target"] for s in samples]
+    score = run["results"][CHAT]["exact_match,first-number"]
+    assert score == pytest.approx(sum(answered) / len(answered))
+    assert score >= 0.8, [s["resps"][0][0] for s in samples]

@@ -1,9 +1,11 @@
 """The official openai client's chat API, unmodified, against a live server: chat completions
-rendered by the anchor's chat template, streaming with usage, n and seeds, logprobs, stop
-strings, the memory extension, and its own exception types for errors."""
+rendered by the anchor's chat template, the demo answering its facts in chat, streaming with
+usage, n and seeds, logprobs, stop strings, the memory extension, and its own exception types for
+errors."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +51,27 @@ def test_chat_completes_with_the_templated_prompt(client: openai.OpenAI) -> None
     path = (done.model_extra or {})["memory"]["path"]
     plain = client.completions.create(model="demo", prompt=QUESTION, max_tokens=1)
     assert path == (plain.model_extra or {})["memory"]["path"]
+
+
+def test_the_demo_answers_its_rare_fact_in_chat(client: openai.OpenAI) -> None:
+    """Thulium is in the rarest bucket of the demo corpus: asked as a question in chat, the demo
+    answers from its memory and ends its reply, as the conversations it was trained on do."""
+    messages: list[Any] = [{"role": "user", "content": "What is the atomic number of Thulium?"}]
+    done = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=64, temperature=0
+    )
+    (choice,) = done.choices
+    reply = choice.message.content or ""
+    assert re.search(r"\b69\b", reply), reply
+    assert choice.finish_reason == "stop"
+    off = client.chat.completions.create(
+        model="demo",
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        extra_body={"memory": {"mode": "off"}},
+    )
+    assert not re.search(r"\b69\b", off.choices[0].message.content or "")
 
 
 def test_chat_streams_with_usage(client: openai.OpenAI) -> None:
