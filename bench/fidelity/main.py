@@ -195,6 +195,7 @@ def base_settings(args: argparse.Namespace, corpus: Corpus) -> BuildSettings:
         widths=widths,
         branching=args.branching or DEFAULTS.branching,
         anchor_size=args.anchor_size or DEFAULTS.anchor_size,
+        anchor_dir=args.anchor,
         pretrain_steps=_given(args.pretrain_steps, DEFAULTS.pretrain_steps),
         memory_steps=_given(args.steps, DEFAULTS.memory_steps),
         seed=args.seed,
@@ -390,6 +391,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             choices=list(ANCHOR_SIZES) if key == "anchor_size" else None,
             help=f"{what} (default: BuildSettings' {default}; --quick: {QUICK[key]})",
         )
+    p.add_argument(
+        "--anchor",
+        type=Path,
+        help="a checkpoint every build trains memories on, frozen (hmem build --anchor; "
+        "docs/models.md), instead of an anchor pretrained on the corpus",
+    )
     p.add_argument(
         "--routing-seeds",
         type=int,

@@ -27,7 +27,7 @@ import pytest
 
 from bench.fidelity.builds import TABLES as TABLE_NAMES
 from bench.fidelity.builds import eval_tasks, plan_builds
-from bench.fidelity.main import parse_args
+from bench.fidelity.main import Corpus, base_settings, parse_args
 from bench.fidelity.report import goals
 from server.routing import EMBEDDERS
 from server.training.pipeline import BuildSettings
@@ -498,3 +498,16 @@ def test_only_parses_and_rejects_unknown_tables(capsys: pytest.CaptureFixture[st
         assert "argument --only" in err
         assert "buckets, types, sizes, blocking" in err
         assert ("'bogus'" in err) is (bad != ",")
+
+
+def test_anchor_makes_every_build_train_memories_on_that_checkpoint(tmp_path: Path) -> None:
+    """`--anchor DIR`: the bench measures memories post hoc on a user's checkpoint (the
+    wording-disjoint figures with an anchor that knows language), every build frozen on it."""
+    args = parse_args(["--anchor", str(tmp_path / "ckpt"), "--only", "types,wording"])
+    base = base_settings(args, Corpus(tmp_path / "corpus.jsonl", tmp_path / "facts.jsonl", {}))
+    assert base.anchor_dir == tmp_path / "ckpt"
+    assert base.freeze_anchor
+    (tmp_path / "corpus.jsonl").write_text('{"text": "x"}\n')
+    plans = plan_builds(base, (1.0,), tmp_path, args.only)
+    assert {p.settings.anchor_dir for p in plans.values()} == {tmp_path / "ckpt"}
+    assert parse_args([]).anchor is None
