@@ -48,7 +48,7 @@ from server.training.memory_params import MemoryParams
 from server.training.restate import mine
 from server.training.threads import build_threads, use_threads
 from server.training.tokenizer import BOS_ID, EOS_ID, byte_tokenizer, write_byte_tokenizer
-from server.training.train import Sequences, StageSettings, Trainer
+from server.training.train import Sequences, StageSettings, Trainer, new_anchor
 
 # Anchors hmem trains from scratch: (d_model, n_layers, n_heads, n_kv_heads, intermediate_size).
 ANCHOR_SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -208,15 +208,7 @@ def _anchor(s: BuildSettings, tokenizer: Tokenizer) -> tuple[Anchor, Framing]:
         n_kv_heads=kv, intermediate_size=ff, max_seq_len=max(512, s.seq_len),
         tie_embeddings=True, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )  # fmt: skip
-    torch.manual_seed(s.seed)
-    model = Anchor(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                torch.nn.init.normal_(p, std=0.02)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                p.mul_(1 / (2 * n_layers) ** 0.5)  # scaled residual init
-    return model, Framing(tokenizer, (BOS_ID,), (EOS_ID,))
+    return new_anchor(config, s.seed), Framing(tokenizer, (BOS_ID,), (EOS_ID,))
 
 
 def _embedder(s: BuildSettings, texts: Sequence[str]) -> Embedder:

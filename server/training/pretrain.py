@@ -41,7 +41,7 @@ from server.training.opentext import gather, resolve_sources
 from server.training.pretrain_data import PretrainData, load_prepared, prepare
 from server.training.threads import build_threads, use_threads
 from server.training.tokenizer import BOS_ID, EOS_ID, tokenizer_config
-from server.training.train import Sequences, StageSettings, Trainer, lm_loss
+from server.training.train import Sequences, StageSettings, Trainer, lm_loss, new_anchor
 
 RECORD = "pretrain.json"  # in the output: settings, sources and licences, the loss curve
 
@@ -280,15 +280,7 @@ def _new_anchor(s: PretrainSettings, t: dict[str, Any], vocab_size: int) -> Anch
         max_seq_len=max(512, t["seq_len"]), tie_embeddings=True, bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
     )  # fmt: skip
-    torch.manual_seed(s.seed)
-    model = Anchor(config)
-    with torch.no_grad():
-        for name, w in model.named_parameters():
-            if w.ndim > 1:
-                torch.nn.init.normal_(w, std=0.02)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                w.mul_(1 / (2 * p.n_layers) ** 0.5)  # scaled residual init, as hmem build's
-    return model
+    return new_anchor(config, s.seed)  # initialised as hmem build's
 
 
 def _seconds_per_step(model: Anchor, windows: torch.Tensor, batch_size: int) -> float:

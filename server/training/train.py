@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from server.model.anchor import Anchor
+from server.model.config import AnchorConfig
 from server.model.memory_batch import MemoryBatch, build_memory_batch
 from server.training.memory_params import MemoryParams
 
@@ -63,6 +64,20 @@ class Sequences:
             s = s[:T]
             tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return cls(tokens, paths)
+
+
+def new_anchor(config: AnchorConfig, seed: int) -> Anchor:
+    """An anchor to pretrain from scratch: normal(0, 0.02) matrices, the output projections of
+    each layer scaled by 1/sqrt(2 n_layers) (GPT-2's residual init), norms at one."""
+    torch.manual_seed(seed)
+    model = Anchor(config)
+    with torch.no_grad():
+        for name, w in model.named_parameters():
+            if w.ndim > 1:
+                torch.nn.init.normal_(w, std=0.02)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                w.mul_(1 / (2 * config.n_layers) ** 0.5)
+    return model
 
 
 def lm_loss(logits: Tensor, tokens: Tensor) -> Tensor:
