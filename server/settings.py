@@ -3,12 +3,21 @@
 Sources, strongest first: values given by the caller (CLI flags), `HMEM_*` environment variables
 (`__` separates nested groups: `HMEM_STORE__DEADLINE_S=0.5`), an optional TOML or JSON file,
 then defaults. Nothing is built at import time.
+
+A name that is not a setting is refused, never ignored: an `HMEM_*` environment variable or a
+settings-file key that names no field stops start-up with one line that names the nearest valid
+one (a typo such as `HMEM_API_KEY` for `HMEM_API_KEYS` would otherwise start a server without
+its keys).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import tomllib
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -142,6 +151,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Settings from flags, environment and `config_file`; errors name the field to fix."""
     if config_file is not None and not config_file.is_file():
         raise ConfigError(f"settings file {config_file} does not exist")
+    check_environment(os.environ)
 
     class _Sourced(Settings):
         @classmethod
@@ -171,7 +181,60 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except SettingsError as exc:  # a value that is not the JSON its field needs, and the like
         raise ConfigError(f"invalid settings: {exc}") from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors())
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def _problem(error: Any) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "settings"
+    if error["type"] == "extra_forbidden" and error["loc"]:
+        return (
+            f"{where}: not a setting{_nearest(str(error['loc'][-1]), _field_names(error['loc']))}"
+        )
+    return f"{where}: {error['msg']}"
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """The valid names beside the last element of `loc` (a key of Settings, or of a group)."""
+    model: type[BaseModel] | None = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model and isinstance(part, str) else None
+        model = None if field is None else _group(field.annotation)
+    return [] if model is None else list(model.model_fields)
+
+
+def _group(annotation: Any) -> type[BaseModel] | None:
+    """The settings group (a pydantic model) a field holds, `X | None` included; else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _nearest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse an `HMEM_*` variable that names no setting, naming the nearest that does."""
+    groups = {
+        name.upper(): [f.upper() for f in group.model_fields]
+        for name, field in Settings.model_fields.items()
+        if (group := _group(field.annotation)) is not None
+    }
+    settings = [f"HMEM_{name.upper()}" for name in Settings.model_fields]
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith("HMEM_"):
+            continue
+        top, _, rest = upper.removeprefix("HMEM_").partition("__")
+        if f"HMEM_{top}" not in settings:
+            raise ConfigError(
+                f"unknown environment variable {key}: not a setting{_nearest(upper, settings)}"
+            )
+        if rest and (top not in groups or rest.split("__")[0] not in groups[top]):
+            valid = [f"HMEM_{top}__{f}" for f in groups.get(top, [])]
+            raise ConfigError(
+                f"unknown environment variable {key}: not a setting{_nearest(upper, valid)}"
+            )

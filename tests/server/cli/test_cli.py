@@ -111,6 +111,28 @@ def test_a_training_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixt
         (["serve"], {"HMEM_ADMIN_KEY": "short"}, "admin_key"),
         (["serve"], {"HMEM_MAX_BATCH": "0"}, "max_batch"),
         (["serve", "--config", "missing.toml"], {}, "does not exist"),
+        # A typo disables nothing silently: the name is refused, the nearest valid one named.
+        (
+            ["serve"],
+            {"HMEM_API_KEY": '["k-0123456789abcdef"]'},
+            "variable HMEM_API_KEY: not a setting (did you mean HMEM_API_KEYS?)",
+        ),
+        (
+            ["serve"],
+            {"HMEM_STORE__DEADLINE": "0.5"},
+            "HMEM_STORE__DEADLINE: not a setting (did you mean HMEM_STORE__DEADLINE_S?)",
+        ),
+        (["serve"], {"hmem_max_btach": "4"}, "(did you mean HMEM_MAX_BATCH?)"),
+        (
+            ["serve", "--config", "typo.toml"],
+            {},
+            "api_key: not a setting (did you mean api_keys?)",
+        ),
+        (
+            ["serve", "--config", "typo-nested.toml"],
+            {},
+            "store.deadline: not a setting (did you mean deadline_s?)",
+        ),
     ],
 )
 def test_serve_refuses_bad_settings_in_one_line_before_listening(
@@ -122,6 +144,11 @@ def test_serve_refuses_bad_settings_in_one_line_before_listening(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "typo.toml").write_text('api_key = ["k-0123456789abcdef"]\n')
+    (tmp_path / "typo-nested.toml").write_text(
+        '[store]\ndeadline = 0.5\n[store.tiers.d]\nkind = "disk"\nroot = "d"\n'
+        '[store.placement]\n1 = "d"\n'
+    )
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert main(argv) == 2
