@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.api.schemas.common import INVALID_UNICODE
 from server.engine.engine import EngineClosedError, EngineOverloadedError
 from server.engine.memory import MemoryForbiddenError
 from server.serving.errors import RequestError, UnknownModelError
@@ -94,6 +95,9 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     """One line naming each bad field, and the first field's name as `param`."""
     if not errors:
         return "invalid request", None
+    unicode = [e for e in errors if e.get("type") == INVALID_UNICODE]
+    if unicode:  # the same string refused by every shape the body could take: said once
+        return str(unicode[0]["msg"]), str(unicode[0]["ctx"]["param"])
     msgs = []
     for e in errors[:5]:
         where = _loc(tuple(e.get("loc", ())))

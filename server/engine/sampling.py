@@ -51,6 +51,13 @@ NON_FINITE_LOGITS = (
 _UNDRAWABLE = "this sequence's sampling distribution cannot be drawn from"
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
+
+def nth_seed(seed: int, n: int) -> int:
+    """The seed of a request's `n`-th choice: `seed + n`, wrapped back into the accepted range
+    past its top (a valid seed never makes an invalid one)."""
+    value = seed + n
+    return value - 2**64 if value > _SEED_MAX else value
+
 TopLogprobs = list[tuple[int, float]]
 
 

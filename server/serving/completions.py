@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from server.engine.engine import Engine, EngineOverloadedError, EngineStats
 from server.engine.memory import MemoryRequest, MemoryResolver, ResolvedMemory
-from server.engine.sampling import SamplingParams
+from server.engine.sampling import SamplingParams, nth_seed
 from server.engine.text import TextStream
 from server.serving.completion import Choice, Completion
 from server.serving.errors import UnknownModelError
@@ -192,7 +192,7 @@ class CompletionService:
             for j in range(n):
                 seeded = params
                 if params.seed is not None and j:
-                    seeded = replace(params, seed=params.seed + j)
+                    seeded = replace(params, seed=nth_seed(params.seed, j))
                 jobs.append((p.ids, seeded, mem.blocks))
         try:
             sequences = self.engine.submit(jobs)

@@ -4,12 +4,51 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from server.engine.memory import MemoryRequest, Reason, ResolvedMemory
 from server.settings import MemoryMode
 
 STRICT = ConfigDict(strict=True, extra="forbid")
+INVALID_UNICODE = "invalid_unicode"  # the error type of a string no encoder can take
+
+
+class RequestBody(BaseModel):
+    """A request body: strict, no unknown fields, and every string valid Unicode.
+
+    JSON may spell a lone surrogate (`"\\ud800"`), which Python's parser keeps in the string;
+    no tokenizer or encoder can take it, so it is refused here, with where it was, as a 400.
+    """
+
+    model_config = STRICT
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _check_unicode(data, ())
+        return data
+
+
+def _check_unicode(value: Any, where: tuple[str | int, ...]) -> None:
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                at = ".".join(map(str, where)) or "body"
+                raise PydanticCustomError(
+                    INVALID_UNICODE,
+                    "{param} is not valid Unicode: a lone surrogate U+{code} at character {at}",
+                    {"param": at, "code": f"{ord(value[exc.start]):04X}", "at": exc.start},
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, (*where, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, (*where, i))
 
 
 class ErrorDetail(BaseModel):

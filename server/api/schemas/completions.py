@@ -11,7 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, WithJsonSchema, field_validator, model_validator
 
-from server.api.schemas.common import STRICT, MemoryField, MemoryInfo, StreamOptions, Usage
+from server.api.schemas.common import (
+    MemoryField,
+    MemoryInfo,
+    RequestBody,
+    StreamOptions,
+    Usage,
+)
 from server.engine.sampling import MAX_LOGPROBS, MAX_STOP
 from server.serving.completion import ChoiceEnd
 
@@ -35,10 +41,8 @@ def stops_of(v: Stop) -> tuple[str, ...]:
     return (v,) if isinstance(v, str) else tuple(v)
 
 
-class NeutralOnly(BaseModel):
+class NeutralOnly(RequestBody):
     """OpenAI's sampling fields this server accepts only at their neutral values."""
-
-    model_config = STRICT
 
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -6,12 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from server.api.schemas.common import STRICT
+from server.api.schemas.common import RequestBody
 
 
-class RouteRequest(BaseModel):
-    model_config = STRICT
-
+class RouteRequest(RequestBody):
     text: str
 
 
@@ -30,9 +28,7 @@ class CacheResponse(BaseModel):
     misses: int
 
 
-class PathRequest(BaseModel):
-    model_config = STRICT
-
+class PathRequest(RequestBody):
     path: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
 
@@ -53,9 +49,7 @@ class PrefetchResponse(BaseModel):
     levels: list[PrefetchLevel]
 
 
-class ClusterRequest(BaseModel):
-    model_config = STRICT
-
+class ClusterRequest(RequestBody):
     level: int = Field(ge=1)
     node: int = Field(ge=0)
 

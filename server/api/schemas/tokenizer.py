@@ -11,21 +11,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.schemas.chat import ChatMessage, turns_of
-from server.api.schemas.common import STRICT
+from server.api.schemas.common import RequestBody
 
 
-class TokenizeCompletionRequest(BaseModel):
-    model_config = STRICT
-
+class TokenizeCompletionRequest(RequestBody):
     model: str | None = None
     prompt: str
     add_special_tokens: bool = Field(True, description="add the BOS the server adds to prompts")
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(BaseModel):
-    model_config = STRICT
-
+class TokenizeChatRequest(RequestBody):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
@@ -48,9 +44,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = STRICT
-
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

@@ -83,6 +83,49 @@ def test_malformed_bodies_are_400(client: TestClient, content: bytes, needle: st
     assert needle in _error(r, 400)["message"]
 
 
+@pytest.mark.parametrize(
+    ("route", "raw", "param"),
+    [
+        ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', "prompt.1"),
+        ("/v1/completions", '{"prompt": "a", "stop": ["\\ud83d"], "max_tokens": 2}', "stop.0"),
+        (
+            "/v1/chat/completions",
+            '{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 2}',
+            "messages.0.content",
+        ),
+        ("/tokenize", '{"prompt": "x\\ud800"}', "prompt"),
+        (
+            "/tokenize",
+            '{"messages": [{"role": "user", "content": "\\udc00"}]}',
+            "messages.0.content",
+        ),
+    ],
+)
+def test_a_lone_surrogate_is_a_400_naming_where_it_is(
+    client: TestClient, route: str, raw: str, param: str
+) -> None:
+    """JSON can spell a lone surrogate; no tokenizer can take one (it was a 500)."""
+    r = client.post(route, content=raw.encode(), headers={"content-type": "application/json"})
+    err = _error(r, 400)
+    assert err["param"] == param
+    assert "not valid Unicode: a lone surrogate U+" in err["message"]
+    # A surrogate pair spelled in JSON is one real character (U+1F600), and fine.
+    pair = b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    r = client.post("/v1/completions", content=pair, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+
+
+def test_the_largest_seed_with_several_choices_is_answered(client: TestClient) -> None:
+    """Choice j samples with seed + j, wrapped into the accepted range (2**64 - 1 + 1 was a
+    500, then a 400 naming a seed the client never sent)."""
+    body = {"prompt": "The capital of", "max_tokens": 6, "n": 3, "seed": 2**64 - 1}
+    first = client.post("/v1/completions", json=body)
+    assert first.status_code == 200, first.text
+    again = client.post("/v1/completions", json=body).json()["choices"]
+    assert [c["text"] for c in first.json()["choices"]] == [c["text"] for c in again]
+
+
 def test_unknown_model_and_route_are_404(client: TestClient) -> None:
     err = _error(client.post("/v1/completions", json={"prompt": "x", "model": "gpt-9"}), 404)
     assert err["code"] == "model_not_found"
