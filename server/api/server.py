@@ -7,6 +7,10 @@ uvicorn, so a taken port is found in milliseconds and nothing can take it in bet
 bank (`run_server`). The app's lifespan, which opens the runtime (tiers, model, engine), runs
 here around uvicorn rather than inside it: an error there is raised to `hmem` as it is, instead
 of being logged by uvicorn as a traceback.
+
+Before either, the data directory is taken (`hold_data_dir`): one `hmem serve` per directory,
+since two would share its blocklists and tiers with neither knowing of the other. The lock is an
+flock, which the kernel drops however the process ends.
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
+import os
 import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -63,6 +70,34 @@ def listen_socket(host: str, port: int) -> socket.socket:
         raise ServeError(f"cannot listen on {where}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+DATA_DIR_LOCK = "serve.lock"  # in the data directory: held by the one server using it
+
+
+@contextlib.contextmanager
+def hold_data_dir(directory: Path) -> Iterator[None]:
+    """Hold `directory` for this server; a ServeError in one line if another server holds it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(directory / DATA_DIR_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ServeError(f"cannot use data directory {directory}: {exc.strerror or exc}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            who = f" (pid {holder})" if holder.isdigit() else ""
+            raise ServeError(
+                f"another hmem serve{who} is using data directory {directory}: stop it, or give "
+                "this one its own with --data-dir or HMEM_DATA_DIR"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def run_server(settings: Settings, listener: socket.socket, *, log_level: str) -> int:

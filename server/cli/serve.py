@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from server.api.server import ServeError, listen_socket, run_server
+from server.api.server import ServeError, hold_data_dir, listen_socket, run_server
+from server.defaults import data_dir
 from server.settings import Settings, load_settings
 
 # Flags that set the setting of the same name.
@@ -118,10 +119,16 @@ def _serve(args: argparse.Namespace) -> int:
         for flag in ("ray_address", *CLUSTER_OPTION_FLAGS):
             if getattr(args, flag) is not None:
                 raise ServeError(f"--{flag.replace('_', '-')} needs --replicas N")
-        # Before anything is opened: a taken port fails here in milliseconds, not after the model.
-        with listen_socket(settings.host, settings.port) as listener:
+    # Before anything is opened, the port: a taken one fails here in milliseconds, not after the
+    # model. Then the data directory: one server per directory.
+    if args.replicas is None:
+        with (
+            listen_socket(settings.host, settings.port) as listener,
+            hold_data_dir(data_dir(settings)),
+        ):
             return run_server(settings, listener, log_level=args.log_level)
-    return _serve_replicas(settings, args)
+    with hold_data_dir(data_dir(settings)):
+        return _serve_replicas(settings, args)
 
 
 def _serve_replicas(settings: Settings, args: argparse.Namespace) -> int:

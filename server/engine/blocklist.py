@@ -4,7 +4,9 @@ Blocking the cluster `(level, node)` blocks its block and every block below it i
 subtree), as the paper blocks "the best-matching level-1 subtree". A path's block at level l is
 blocked when the path's node at any level <= l is. The file is JSON, written atomically (a temp
 file, fsync, rename, fsync of the directory), so a crash leaves the old list or the new one,
-never half of either.
+never half of either. A change is read-modify-write under an flock on a lock file beside it
+(`.NAME.lock`): two processes serving one bank build (two servers, or replicas on one machine)
+each add to the list as the file holds it, and neither loses the other's entries.
 
 A blocklist belongs to one bank build: cluster (1, 2) of one build is not that of another. The
 file records the bank id and the build's fingerprint (`Bank.fingerprint`), and a blocklist opened
@@ -14,12 +16,14 @@ before blocklists were tied to their bank).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tiers.disk import fsync_dir
@@ -71,8 +75,15 @@ class Blocklist:
         blocklist = cls(
             path, levels=levels, branching=branching, bank_id=bank_id, fingerprint=fingerprint
         )
+        if path is not None:
+            blocklist._blocked = blocklist._read()
+        return blocklist
+
+    def _read(self) -> set[tuple[int, int]]:
+        """The entries the file holds now (none when there is no file)."""
+        path = self.path
         if path is None or not path.exists():
-            return blocklist
+            return set()
         try:
             data = json.loads(path.read_text())
             version = data.get("version")
@@ -80,14 +91,29 @@ class Blocklist:
                 raise BlocklistError(f"version {version!r}, expected {FORMAT_VERSION}")
             entries = [(int(e["level"]), int(e["node"])) for e in data["blocked"]]
             for level, node in entries:
-                blocklist.check(level, node)  # a file written for another tree
+                self.check(level, node)  # a file written for another tree
             owner = (data.get("bank_id"), data.get("fingerprint")) if version != 1 else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BlocklistError(f"blocklist file {path} is not usable: {exc}") from None
-        if bank_id is not None and owner != (bank_id, fingerprint):
-            raise BlocklistError(blocklist._not_ours(path, owner))
-        blocklist._blocked = set(entries)
-        return blocklist
+        if self.bank_id is not None and owner != (self.bank_id, self.fingerprint):
+            raise BlocklistError(self._not_ours(path, owner))
+        return set(entries)
+
+    @contextlib.contextmanager
+    def _file_lock(self) -> Iterator[None]:
+        """Hold the lock file beside the list (no-op without a file): one writer at a time."""
+        if self.path is None:
+            yield
+            return
+        if not self.path.parent.is_dir():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(self.path.parent.parent)  # the new directory's entry, before a file in it
+        fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _not_ours(self, path: Path, owner: tuple[object, object] | None) -> str:
         this = f"bank {self.bank_id!r} build {self.fingerprint}"
@@ -123,11 +149,12 @@ class Blocklist:
 
     def _change(self, level: int, node: int, *, add: bool) -> bool:
         self.check(level, node)
-        with self._lock:
-            present = (level, node) in self._blocked
-            if present == add:
+        with self._lock, self._file_lock():
+            current = self._read() if self.path is not None else set(self._blocked)
+            self._blocked = current  # what other processes wrote, taken in as well
+            if ((level, node) in current) == add:
                 return False
-            updated = set(self._blocked)
+            updated = set(current)
             if add:
                 updated.add((level, node))
             else:
@@ -165,9 +192,6 @@ class Blocklist:
     def _save(self, blocked: set[tuple[int, int]]) -> None:
         if self.path is None:
             return
-        if not self.path.parent.is_dir():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fsync_dir(self.path.parent.parent)  # the new directory's entry, before a file in it
         body = {
             "version": FORMAT_VERSION,
             "bank_id": self.bank_id,

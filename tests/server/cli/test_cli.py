@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.api.server import hold_data_dir
 from server.cli import main
 from server.defaults import DEMO_BANK
 from tests.conftest import S3Server
@@ -337,3 +338,20 @@ def test_ctrl_c_stops_serve_in_one_line_with_status_130(tmp_path: Path) -> None:
     err = log.read_text()
     assert "Traceback" not in err
     assert err.splitlines()[-1] == "hmem: interrupted"
+
+
+def test_a_second_server_on_one_data_directory_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two servers on one data directory would share its blocklists unknowingly: the second
+    stops before it listens, naming the first's pid; once the first is gone, it starts."""
+    state = tmp_path / "state"
+    with hold_data_dir(state):  # the first server, as `hmem serve` holds it
+        assert main(["serve", "--data-dir", str(state), "--port", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"hmem: error: another hmem serve (pid {os.getpid()}) is using data directory "
+            f"{state}: stop it, or give this one its own with --data-dir or HMEM_DATA_DIR\n"
+        )
+    with hold_data_dir(state):  # released when the first ends, however it ends
+        pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -166,7 +167,8 @@ def test_writes_leave_no_temp_files_behind(tmp_path: Path) -> None:
         blocklist.block(1, node)
     blocklist.unblock(1, 3)
     blocklist.block(3, 63)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocklist.json"]
+    # the list, and the (empty) lock file its writers take turns on
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".blocklist.json.lock", "blocklist.json"]
     assert load(file).entries() == [(1, 0), (1, 1), (1, 2), (3, 63)]
 
 
@@ -174,14 +176,16 @@ def test_a_failed_write_changes_nothing_and_leaves_no_temp_file(tmp_path: Path) 
     file = tmp_path / "blocklist.json"
     blocklist = load(file)
     blocklist.block(1, 1)
-    # A directory where the file should be: the rename fails after the temp file is written.
+    # A directory where the file should be: the change's read of the file fails, and so would
+    # the rename after the temp file is written.
     file.unlink()
     file.mkdir()
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(BlocklistError, match="not usable"):
         blocklist.block(1, 2)
     assert blocklist.entries() == [(1, 1)]  # not in effect: it was never persisted
     assert not blocklist.covers(1, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocklist.json"]
+    # the list, and the (empty) lock file its writers take turns on
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".blocklist.json.lock", "blocklist.json"]
 
 
 # -- a blocklist belongs to one bank build --------------------------------------------------------
@@ -251,3 +255,40 @@ def test_the_legacy_file_is_named_in_one_warning(
     assert len(warnings) == 1
     assert str(legacy) in warnings[0]
     assert "not applied" in warnings[0]
+
+
+def test_two_holders_of_one_file_keep_each_others_entries(tmp_path: Path) -> None:
+    """Two servers (or replicas) on one bank build: each change is made to the file as it is
+    now, so neither overwrites the other's entries (the file was last-writer-wins)."""
+    path = tmp_path / "blocklist.json"
+    a, b = load(path), load(path)
+    assert a.block(1, 0)
+    assert b.block(1, 1)  # b never saw a's entry in memory
+    assert a.block(2, 9)
+    assert load(path).entries() == [(1, 0), (1, 1), (2, 9)]
+    assert b.entries() == [(1, 0), (1, 1)]  # taken in at its last change
+    assert not b.block(2, 9)  # already in the file: nothing to change, and now known
+    assert b.entries() == [(1, 0), (1, 1), (2, 9)]
+    assert b.unblock(1, 0)
+    assert load(path).entries() == [(1, 1), (2, 9)]
+
+
+def _block_many(path: str, level: int, nodes: list[int]) -> None:
+    blocklist = load(Path(path))
+    for node in nodes:
+        blocklist.block(level, node)
+
+
+def test_processes_blocking_at_once_lose_no_entry(tmp_path: Path) -> None:
+    path = tmp_path / "blocklist.json"
+    ctx = multiprocessing.get_context("spawn")
+    workers = [
+        ctx.Process(target=_block_many, args=(str(path), 3, list(range(start, 64, 2))))
+        for start in (0, 1)
+    ]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    assert load(path).entries() == [(3, n) for n in range(64)]
