@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from server.bank.convert import ConvertReport, convert_bank
+from server.bank.errors import BankError
 from server.bank.generate import SERVE_SETTINGS, generate_bank
 from server.bank.layout import BANK_DTYPES
 from server.bank.placement import check_placement, placement_from_flags, tier_location
@@ -401,8 +402,33 @@ async def _verify(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             repair=args.repair,
         )
+    defaulted = not args.tier and args.config is None
+    if defaulted and not args.repair and _nothing_pushed(report):
+        # `hmem bank verify BANK` right after `hmem build`: no tier holds a copy yet, which is
+        # not a fault of the bank. Say what does verify, and what has not been done.
+        return await _verify_directory_only(bank, config)
     _print_verify(bank, config, report)
     return 0 if report.ok else 1
+
+
+def _nothing_pushed(report: VerifyReport) -> bool:
+    return all(t.ok == 0 and not t.corrupt for t in report.tiers.values())
+
+
+async def _verify_directory_only(bank: Bank, config: StoreConfig) -> int:
+    blocks = len(bank.block_keys())
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, bank.verify)
+    except BankError as exc:
+        print(f"bank {bank.manifest.bank_id!r}: the bank directory does not verify: {exc}")
+        return 1
+    where = ", ".join(sorted({tier_location(t) for t in config.tiers.values()}))
+    print(
+        f"bank {bank.manifest.bank_id!r}: the bank directory verifies ({blocks} blocks, every "
+        f"digest matches); no copies are pushed to the default tiers ({where}): `hmem bank push "
+        f"{bank.path}` writes them (`hmem serve` does at start), or give --tier to check others"
+    )
+    return 0
 
 
 def _print_verify(bank: Bank, config: StoreConfig, report: VerifyReport) -> None:

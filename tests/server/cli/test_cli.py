@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -355,3 +356,30 @@ def test_a_second_server_on_one_data_directory_is_refused_in_one_line(
         )
     with hold_data_dir(state):  # released when the first ends, however it ends
         pass
+
+
+def test_verify_right_after_a_build_says_the_bank_verifies_and_is_not_pushed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hmem bank verify BANK` with no tiers, before any push: the bank directory itself is
+    checked and the missing copies are named as not pushed (it was "verify FAILED")."""
+    bank = tmp_path / "bank"
+    shutil.copytree(DEMO_BANK, bank)
+    assert main(["bank", "verify", str(bank), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "bank 'demo': the bank directory verifies (72 blocks, every digest matches)" in out
+    assert f"no copies are pushed to the default tiers ({os.environ['HMEM_DATA_DIR']}" in out
+    assert f"`hmem bank push {bank}` writes them" in out
+    # Once pushed, the copies themselves are verified, as before.
+    assert main(["bank", "push", str(bank), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["bank", "verify", str(bank), "--no-progress"]) == 0
+    assert "bank 'demo': verify ok" in capsys.readouterr().out
+    # A bank directory that does not verify, with nothing pushed anywhere, says so and fails.
+    other = tmp_path / "other"
+    shutil.copytree(DEMO_BANK, other)
+    block = next((other / "blocks" / "L1").iterdir())
+    block.write_bytes(b"x" + block.read_bytes()[1:])
+    monkeypatch.setenv("HMEM_DATA_DIR", str(tmp_path / "fresh"))
+    assert main(["bank", "verify", str(other), "--no-progress"]) == 1
+    assert "the bank directory does not verify" in capsys.readouterr().out
