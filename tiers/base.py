@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,8 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 from tiers.errors import TierError, TierUnavailableError
 from tiers.keys import validate_key
+
+log = logging.getLogger("tiers")
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -99,8 +102,9 @@ class TierWrapper:
 class ThreadedTier(ABC):
     """Base of the blocking-backend tiers: runs `_read`, `_put`, ... in a bounded thread pool.
 
-    Subclasses implement the blocking methods; this class validates keys, wraps unexpected
-    `OSError`s as `TierUnavailableError`, and refuses calls after `aclose`.
+    Subclasses implement the blocking methods; this class validates keys, wraps every exception
+    that is not already a `TierError` (an `OSError`, an SDK's error, any other type) as
+    `TierUnavailableError`, and refuses calls after `aclose`.
     """
 
     # SDK exceptions that mean "the backend could not answer"; wrapped as TierUnavailableError.
@@ -148,6 +152,12 @@ class ThreadedTier(ABC):
         except OSError as exc:
             raise TierUnavailableError(self.name, f"{type(exc).__name__}: {exc.strerror}") from exc
         except self.backend_errors as exc:
+            raise TierUnavailableError(self.name, f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:
+            # Whatever else a backend raised (an SDK's own bug included: botocore once raised
+            # AttributeError reading a deleted object): the tier failed this call. It counts
+            # toward its breaker, and the read falls to the next copy, as for any failure.
+            log.warning("tier %s: unexpected %s from its backend", self.name, type(exc).__name__)
             raise TierUnavailableError(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     async def read(self, key: str, consume: Consume[T]) -> T | None:

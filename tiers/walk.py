@@ -232,6 +232,12 @@ class ChainReader(Generic[V]):
             self._read_failed(read, skey, level, "error")
             walk.errors.append(exc)
             return None
+        except Exception as exc:  # a tier (or a wrapper of one) raised outside its contract
+            self._answered_at[tier] = time.perf_counter()
+            self._read_failed(read, skey, level, "error")
+            walk.errors.append(TierUnavailableError(tier, f"{type(exc).__name__}: {exc}"))
+            log.warning("tier %s: unexpected %s reading %s", tier, type(exc).__name__, skey)
+            return None
         except asyncio.CancelledError:
             if read.probe and not read.late:
                 breaker.release_probe()

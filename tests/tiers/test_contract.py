@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tests.tiers.conftest import blob
-from tiers import InvalidKeyError, Tier
+from tiers import InvalidKeyError, Tier, TierUnavailableError
 
 BAD_KEYS = [
     "",
@@ -103,3 +103,32 @@ async def test_invalid_keys_are_rejected_before_the_backend(tier: Tier, key: str
     with pytest.raises(InvalidKeyError):
         await tier.contains(key)
     assert await tier.scan() == []
+
+
+# Types a backend might raise outside its own error classes: an SDK bug (botocore's
+# `AttributeError: 'StreamingChecksumBody' object has no attribute 'strip'` on a deleted object),
+# a lookup, arithmetic, or a plain RuntimeError.
+ODD_ERRORS = [
+    AttributeError("'StreamingChecksumBody' object has no attribute 'strip'"),
+    KeyError("Body"),
+    ZeroDivisionError("division by zero"),
+    RuntimeError("backend state lost"),
+    ValueError("bad header"),
+]
+
+
+@pytest.mark.parametrize("error", ODD_ERRORS, ids=lambda e: type(e).__name__)
+async def test_any_exception_from_a_backend_is_a_tier_failure(tier: Tier, error: Exception) -> None:
+    """Whatever the backend raises, a call is a `TierUnavailableError` naming its type: never an
+    exception of another kind escaping to the store or the CLI."""
+    await tier.put("k", blob(64))
+
+    def fail(*args: object) -> None:
+        raise error
+
+    for method in ("_read", "_put", "_contains", "_delete"):
+        setattr(tier, method, fail)  # the blocking backend call, as the tier runs it
+    for call in (tier.get("k"), tier.put("k", b"x"), tier.contains("k"), tier.delete("k")):
+        with pytest.raises(TierUnavailableError, match=type(error).__name__) as raised:
+            await call
+        assert raised.value.__cause__ is error

@@ -42,8 +42,10 @@ from tiers import (
     StorePolicy,
     Tier,
     TieredStore,
+    TierWrapper,
     storage_key,
 )
+from tiers.base import Consume, T
 
 BLOCKS = make_blocks({1: 2, 2: 4, 3: 8})
 LEVEL3 = {k: v for k, v in BLOCKS.items() if k.level == 3}
@@ -450,3 +452,50 @@ def test_hedge_and_deadline_miss_settings() -> None:
     assert StoreConfig.model_validate(base | {"hedge_after_s": 0.2}).policy().hedge_delay_s == 0.2
     with pytest.raises(ValueError, match="hedge_after_s"):
         StoreConfig.model_validate(base | {"hedge_after_s": -1})
+
+
+class RaisingTier(TierWrapper):
+    """A real tier whose reads raise `error`, an exception outside the tier contract (as a
+    wrapper of ours or a backend's SDK might)."""
+
+    def __init__(self, inner: Tier, error: Exception) -> None:
+        super().__init__(inner)
+        self.error = error
+
+    async def read(self, key: str, consume: Consume[T]) -> T | None:
+        raise self.error
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["backend", "wrapper"])
+async def test_an_odd_exception_from_the_home_falls_to_the_replica_and_counts_as_a_failure(
+    tmp_path: Path, wrapped: bool
+) -> None:
+    """botocore's AttributeError from a deleted object was a 500 on every request of its path,
+    the breaker never opening: any exception is now a failed read, like a tier error."""
+    error = AttributeError("'StreamingChecksumBody' object has no attribute 'strip'")
+    disk = DiskTier(tmp_path / "home")
+    home: Tier = RaisingTier(disk, error) if wrapped else disk
+    tiers: dict[str, Tier] = {"home": home, "replica": DiskTier(tmp_path / "replica")}
+    store = make_store(tiers, {2: ["home", "replica"]}, breaker_failures=2, failure_ttl_s=0.0)
+    try:
+        keys = [k for k in BLOCKS if k.level == 2]
+        for key in keys:
+            await disk.put(store.storage_name(key), BLOCKS[key])
+            await tiers["replica"].put(store.storage_name(key), BLOCKS[key])
+        if not wrapped:
+
+            def fail(*args: object) -> None:
+                raise error
+
+            disk._read = fail  # type: ignore[method-assign,assignment]
+        for key in keys[:2]:
+            fetched = await store.fetch(key)
+            assert fetched.error is None
+            assert (fetched.value, fetched.tier) == (BLOCKS[key], "replica")
+        assert tier_reads(store, "home", "error") == 2
+        assert breaker(store, "home") is BreakerState.OPEN  # two failures: it opens
+        fetched = await store.fetch(keys[2])
+        assert fetched.tier == "replica"
+        assert tier_reads(store, "home", "skipped") == 1  # later reads skip the home
+    finally:
+        await store.aclose()
