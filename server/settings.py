@@ -84,6 +84,11 @@ class Settings(BaseSettings):
     # HTTP.
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    max_request_bytes: ByteSize = Field(
+        ByteSize(4 << 20),
+        gt=0,
+        description="a request body over this is refused with 413 before it is read further",
+    )
 
     # The engine.
     device: Literal["cpu", "cuda"] = "cpu"

@@ -15,6 +15,7 @@ token is not config.json's, since `transformers` would then prompt the model dif
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -113,12 +114,21 @@ class AnchorTokenizer:
         )
         return cls(tok, config, tokenizer_config=tokenizer_config, template=template)
 
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for: its vocabulary entry's own
+        bytes (a byte-level entry spells each byte as one character of up to 2 bytes)."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        return max((len(t.encode()) for t in vocab), default=1)
+
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, after the BOS id when the tokenizer starts prompts with one.
 
         Special tokens written in the text ("<s>") are their ids, as in `transformers`.
         """
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        # The batch call: it releases the GIL, so a long text tokenised in a worker thread
+        # leaves the event loop running (`encode` holds it throughout).
+        ids: list[int] = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if add_bos and self.adds_bos and self.bos_id is not None:
             return [self.bos_id, *ids]
         return ids

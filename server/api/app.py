@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
     install(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, max_bytes=int(settings.max_request_bytes))
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from server.engine.engine import Engine, EngineOverloadedError, EngineStats
 from server.engine.memory import MemoryRequest, MemoryResolver, ResolvedMemory
@@ -25,6 +26,8 @@ from server.serving.metrics import ServerMetrics
 from server.serving.prompts import PromptInput, Prompts, Turn
 from server.settings import KeyPolicy
 from server.tokenizer import AnchorTokenizer
+
+R = TypeVar("R")
 
 DEFAULT_MAX_TOKENS = 16  # a completion request that names none (OpenAI's default)
 
@@ -55,6 +58,34 @@ class Sampling:
         )
 
 
+class TokenizerWorker:
+    """Tokenising off the event loop: one call at a time in a worker thread (the `tokenizers`
+    batch call releases the GIL), at most `max_queued` waiting; past that a 429 (the engine's
+    overload answer). A megabyte prompt then delays its own request, not every stream's next
+    token (docs/serving.md, "Limits")."""
+
+    def __init__(self, *, max_queued: int = 64) -> None:
+        self.max_queued = max_queued
+        self._queued = 0
+        self._slot: asyncio.Semaphore | None = None  # made on the serving loop, at first use
+
+    async def run(self, fn: Callable[[], R]) -> R:
+        if self._queued >= self.max_queued:
+            raise EngineOverloadedError(retry_after_s=1.0)
+        if self._slot is None:
+            self._slot = asyncio.Semaphore(1)
+        self._queued += 1
+        waiting = True
+        try:
+            async with self._slot:
+                self._queued -= 1
+                waiting = False
+                return await asyncio.to_thread(fn)
+        finally:
+            if waiting:
+                self._queued -= 1
+
+
 class CompletionService:
     """Serves generation over a tokenizer, a memory resolver and an engine, within `limits`."""
 
@@ -70,12 +101,15 @@ class CompletionService:
         metrics: ServerMetrics,
     ) -> None:
         self.tokenizer = tokenizer
-        self.prompts = Prompts(tokenizer, vocab_size=vocab_size)
+        self.prompts = Prompts(
+            tokenizer, vocab_size=vocab_size, context_length=limits.context_length
+        )
         self.resolver = resolver
         self.engine = engine
         self.limits = limits
         self.model_name = model_name
         self.metrics = metrics
+        self.tokenizing = TokenizerWorker()
 
     @property
     def context_length(self) -> int:
@@ -108,7 +142,12 @@ class CompletionService:
             DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         )
         self.limits.check_counts(prompts=len(prompts), n=n)
-        inputs = [self.prompts.of(p, index=i) for i, p in enumerate(prompts)]
+        for i, p in enumerate(prompts):  # before queueing for the tokenizer: a 400 at once
+            if isinstance(p, str):
+                self.prompts.check_length(p, param="prompt" if len(prompts) == 1 else f"prompt.{i}")
+        inputs = await self.tokenizing.run(
+            lambda: [self.prompts.of(p, index=i) for i, p in enumerate(prompts)]
+        )
         return await self._start(inputs, sampling.params(asked), n, memory, policy, arrived)
 
     async def chat(
@@ -128,16 +167,23 @@ class CompletionService:
         times; with no max_tokens, as many as the context leaves room for (as vLLM)."""
         self.check_model(model)
         self.limits.check_counts(prompts=1, n=n)
-        prompt = self.prompts.chat(turns, add_generation_prompt=add_generation_prompt)
+        prompt = await self.tokenizing.run(
+            lambda: self.prompts.chat(turns, add_generation_prompt=add_generation_prompt)
+        )
         asked = max_tokens if max_tokens is not None else self.limits.room(len(prompt.ids))
         params = sampling.params(self.limits.check_max_tokens(asked))
         return await self._start([prompt], params, n, memory, policy, arrived)
 
-    def tokenize(self, *, model: str | None, text: str, add_special_tokens: bool) -> list[int]:
+    async def tokenize(
+        self, *, model: str | None, text: str, add_special_tokens: bool
+    ) -> list[int]:
         self.check_model(model)
-        return self.tokenizer.encode(text, add_bos=add_special_tokens)
+        self.prompts.check_length(text, param="prompt")
+        return await self.tokenizing.run(
+            lambda: self.tokenizer.encode(text, add_bos=add_special_tokens)
+        )
 
-    def tokenize_chat(
+    async def tokenize_chat(
         self,
         *,
         model: str | None,
@@ -147,16 +193,19 @@ class CompletionService:
     ) -> list[int]:
         """The ids chat feeds the model; with `add_special_tokens`, a BOS before the template's."""
         self.check_model(model)
-        ids = self.prompts.chat(turns, add_generation_prompt=add_generation_prompt).ids
+        prompt = await self.tokenizing.run(
+            lambda: self.prompts.chat(turns, add_generation_prompt=add_generation_prompt)
+        )
+        ids = prompt.ids
         bos = self.tokenizer.bos_id
         if add_special_tokens and self.tokenizer.adds_bos and bos is not None:
             ids = [bos, *ids]
         return ids
 
-    def detokenize(self, *, model: str | None, ids: Sequence[int]) -> str:
+    async def detokenize(self, *, model: str | None, ids: Sequence[int]) -> str:
         self.check_model(model)
         self.prompts.check_ids(ids, param="tokens", what="tokens")
-        return self.tokenizer.decode(list(ids))
+        return await self.tokenizing.run(lambda: self.tokenizer.decode(list(ids)))
 
     # -- running --------------------------------------------------------------------------------
 

@@ -39,19 +39,40 @@ def route_text(turns: Sequence[Turn]) -> str:
 class Prompts:
     """Builds `PromptInput`s with one tokenizer; checks token ids against the vocabulary."""
 
-    def __init__(self, tokenizer: AnchorTokenizer, *, vocab_size: int) -> None:
+    def __init__(
+        self, tokenizer: AnchorTokenizer, *, vocab_size: int, context_length: int | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
+        # Text longer than this cannot fit the context, however it tokenises: refused before it
+        # is tokenised (megabytes of it would take seconds). A token stands for at most
+        # `max_token_bytes` bytes, so at most that many characters; x4 covers normalisers that
+        # shrink text (composing accents).
+        self.max_chars = None if context_length is None else (
+            context_length * tokenizer.max_token_bytes * 4
+        )  # fmt: skip
 
-    def text(self, text: str) -> PromptInput:
+    def check_length(self, text: str, *, param: str) -> None:
+        if self.max_chars is not None and len(text) > self.max_chars:
+            raise RequestError(
+                f"{param} of {len(text)} characters is longer than the context length of "
+                f"{self.max_chars // (4 * self.tokenizer.max_token_bytes)} tokens can hold",
+                param=param,
+            )
+
+    def text(self, text: str, *, param: str = "prompt") -> PromptInput:
+        self.check_length(text, param=param)
         tok = self.tokenizer
         return PromptInput(tok.encode(text), text, text, bos=tok.adds_bos)
 
     def chat(self, turns: Sequence[Turn], *, add_generation_prompt: bool) -> PromptInput:
         """A conversation rendered by the chat template, which writes the BOS itself (as vLLM)."""
+        for i, turn in enumerate(turns):
+            self.check_length(str(turn.get("content") or ""), param=f"messages.{i}.content")
         rendered = self.tokenizer.render_chat(
             list(turns), add_generation_prompt=add_generation_prompt
         )
+        self.check_length(rendered, param="messages")
         ids = self.tokenizer.encode(rendered, add_bos=False)
         return PromptInput(ids, rendered, route_text(turns), bos=False)
 

@@ -31,14 +31,14 @@ async def tokenize(
     req: TokenizeRequest, policy: PolicyDep, service: CompletionsDep
 ) -> TokenizeResponse:
     if isinstance(req, TokenizeChatRequest):
-        ids = service.tokenize_chat(
+        ids = await service.tokenize_chat(
             model=req.model,
             turns=req.turns(),
             add_generation_prompt=req.add_generation_prompt,
             add_special_tokens=req.add_special_tokens,
         )
     else:
-        ids = service.tokenize(
+        ids = await service.tokenize(
             model=req.model, text=req.prompt, add_special_tokens=req.add_special_tokens
         )
     return TokenizeResponse(
@@ -57,7 +57,7 @@ async def tokenize(
 async def detokenize(
     req: DetokenizeRequest, policy: PolicyDep, service: CompletionsDep
 ) -> DetokenizeResponse:
-    return DetokenizeResponse(prompt=service.detokenize(model=req.model, ids=req.tokens))
+    return DetokenizeResponse(prompt=await service.detokenize(model=req.model, ids=req.tokens))
 
 
 @router.get(
