@@ -264,17 +264,20 @@ class MemoryResolver:
             path, nodes, _ = await self.route(text)
         allowed = set(self.levels if policy is None or policy.levels is None else policy.levels)
         blocked = set(self.blocklist.blocked_levels(nodes))
-        out = ResolvedMemory(mode="auto", path=path, node_ids=nodes, blocks=[])
+        # A key limited to some levels is shown the path only down to the deepest of them: the
+        # deeper entries would tell it which clusters it may not read its text falls in.
+        shown = path[: max(allowed, default=0)]
+        out = ResolvedMemory(mode="auto", path=shown, node_ids=nodes, blocks=[])
         to_fetch: list[int] = []
         for level in self.levels:
             if level not in wanted:
                 continue  # the request left it out: nothing, and nothing to report
             reason: Literal["blocked", "disabled"] | None = None
-            if level in blocked:
+            if level not in allowed:
+                reason = "disabled"  # before "blocked": whether it is blocked is not its to know
+            elif level in blocked:
                 reason = "blocked"
                 out.blocked.append(level)
-            elif level not in allowed:
-                reason = "disabled"
             if reason is None:
                 to_fetch.append(level)
                 continue

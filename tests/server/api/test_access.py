@@ -81,6 +81,22 @@ def test_a_keys_policy_limits_its_memory(three_tier_settings: Settings) -> None:
             {"level": 2, "reason": "disabled", "fallback": "generic"},
             {"level": 3, "reason": "disabled", "fallback": "generic"},
         ]
+        # It is shown only the levels it may read: the path down to level 1, no deeper node,
+        # and not whether a deeper cluster is blocked (issue 26, finding 9).
+        full = post(USER).json()["memory"]["path"]
+        assert len(full) == 3
+        assert shallow["path"] == full[:1]
+        assert {b["node"] for b in shallow["blocks"]} == {full[0]}
+        branching = client.get("/v1/models", headers=_auth(USER)).json()["data"][0]["memory"][
+            "branching"
+        ]
+        level2 = full[0] * branching + full[1]
+        assert client.post("/v1/memory/block", json={"level": 2, "node": level2},
+                           headers=_auth(ADMIN)).status_code == 200  # fmt: skip
+        again = post(SHALLOW).json()["memory"]
+        assert again["blocked"] == []
+        assert [d["reason"] for d in again["degraded"]] == ["disabled", "disabled"]
+        assert post(USER).json()["memory"]["blocked"] == [2, 3]
 
 
 def test_admin_endpoints_need_the_admin_key(three_tier_settings: Settings) -> None:
