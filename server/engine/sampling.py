@@ -58,6 +58,7 @@ def nth_seed(seed: int, n: int) -> int:
     value = seed + n
     return value - 2**64 if value > _SEED_MAX else value
 
+
 TopLogprobs = list[tuple[int, float]]
 
 
