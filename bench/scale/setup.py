@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from bench.common.servers import free_port
+from bench.common.servers import child_env, free_port
 from server.bank.manifest import BankManifest
 from server.bank.paths import ANCHOR_DIR
 from tiers.keys import BlockKey, storage_key
@@ -171,7 +171,7 @@ def serve_process(
             [str(hmem), "serve", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=os.environ | env,
+            env=child_env() | env,  # no HMEM_* of ours: it would override the settings file
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
