@@ -25,8 +25,10 @@ from bench.scale.llamacpp import (
     rotary_rows_to_gguf,
     write_gguf,
 )
-from server.model.anchor import Anchor, KVCache, apply_rope, rope_cos_sin
+from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
+from server.model.kv_cache import KVCache
+from server.model.rope import apply_rope, rope_cos_sin
 from tests.server.model.conftest import anchor
 
 CFG = AnchorConfig(

@@ -36,8 +36,9 @@ from torch import Tensor
 
 from server.bank.shapes import SHAPES
 from server.bank.synthetic import random_bf16_bits
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
+from server.model.kv_cache import KVCache
 
 if TYPE_CHECKING:
     import gguf

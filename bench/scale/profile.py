@@ -26,8 +26,9 @@ from bench.common.paths import path_keys
 from server.bank.codec import decode_block
 from server.bank.manifest import load_manifest
 from server.bank.paths import ANCHOR_DIR
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
+from server.model.kv_cache import KVCache
 from server.model.memory import MemoryBlock, MemoryType
 from server.model.memory_batch import MemoryBatch, build_memory_batch
 from tiers.config import StoreConfig, open_tier

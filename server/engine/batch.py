@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from server.engine.sampling import SamplingParams, make_generator
-from server.model.anchor import KVCache
 from server.model.config import AnchorConfig
+from server.model.kv_cache import KVCache
 from server.model.memory import MemoryBlock
 from server.model.memory_batch import MemoryBatch, build_memory_batch, compact_rows
 

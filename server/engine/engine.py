@@ -40,7 +40,8 @@ from torch import Tensor
 from server.engine.batch import LiveBatch
 from server.engine.sampling import Sampler, SamplingParams, prompt_logprobs
 from server.engine.threads import usable_cores
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
+from server.model.kv_cache import KVCache
 from server.model.memory import MemoryBlock
 
 log = logging.getLogger(__name__)

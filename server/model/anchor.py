@@ -12,7 +12,6 @@ lengths in one batch all use the same path.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from server.model.config import AnchorConfig, RopeScaling
+from server.model.config import AnchorConfig
 from server.model.errors import ModelError
+from server.model.kv_cache import CacheSlots, KVCache
 from server.model.memory_batch import FFNMemoryBatch, KVMemoryBatch, LoRAMemoryBatch, MemoryBatch
 from server.model.quant import Int8Weight, PackedWeight, ServingWeight, int8_matmul, linear
+from server.model.rope import apply_rope, rope_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -43,49 +44,6 @@ class RMSNorm(nn.Module):
         if self.unit_offset:  # Gemma scales before rounding to the model's dtype
             return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
-
-
-def rope_inv_freq(
-    head_dim: int, base: float, scaling: RopeScaling | None, device: torch.device
-) -> Tensor:
-    """RoPE's frequencies [head_dim / 2], stretched as `scaling` says."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
-    if scaling is None:
-        return inv_freq
-    if scaling.kind == "linear":
-        return inv_freq / scaling.factor
-    # llama3: long wavelengths divided by the factor, short ones kept, the band between blended.
-    old = scaling.original_max_position_embeddings
-    low_wavelen, high_wavelen = old / scaling.low_freq_factor, old / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-    smooth = (old / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor
-    )
-    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    middle = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-    return torch.where(middle, blended, scaled)
-
-
-def rope_cos_sin(
-    positions: Tensor,
-    head_dim: int,
-    base: float,
-    dtype: torch.dtype,
-    scaling: RopeScaling | None = None,
-) -> tuple[Tensor, Tensor]:
-    """cos and sin of each position's rotation angles: [B, T, head_dim] each."""
-    inv_freq = rope_inv_freq(head_dim, base, scaling, positions.device)
-    freqs = positions.float()[..., None] * inv_freq  # [B, T, head_dim / 2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, H, T, hd] by the angles (halves layout, as in Hugging Face Llama)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return torch.addcmul(x * cos[:, None], rotated, sin[:, None])
 
 
 # One layer's FFN memory: gate and up [B,2R,d], down [B,d,R]; for int8 ones also the scales of
@@ -173,62 +131,6 @@ def _release(*linears: nn.Linear) -> None:
     """Drop the float weights of linears now served from converted copies (int8 or packed)."""
     for lin in linears:
         lin.weight = nn.Parameter(lin.weight.new_empty(0), requires_grad=False)
-
-
-class KVCache:
-    """Keys and values of every layer, stored at each token's position: [L, B, n_kv, S, hd]."""
-
-    def __init__(
-        self,
-        config: AnchorConfig,
-        *,
-        batch_size: int,
-        max_len: int,
-        dtype: torch.dtype,
-        device: torch.device | str = "cpu",
-    ) -> None:
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-
-    def rows(self, start: int, stop: int) -> KVCache:
-        """A view of batch rows start..stop-1: writes through it land in this cache."""
-        view = object.__new__(KVCache)
-        view.k = self.k[:, start:stop]
-        view.v = self.v[:, start:stop]
-        view.max_len = self.max_len
-        return view
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        """Copy row `src`'s first `length` positions over row `dst` (compacting a batch)."""
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def write(self, layer: int, at: CacheSlots, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v [B, n_kv, T, hd] at `at`'s positions; return keys/values [:span]."""
-        if k.shape[0] == 1:  # one row: a copy along the positions (cheaper than indexing)
-            self.k[layer].index_copy_(2, at.positions[0], k)
-            self.v[layer].index_copy_(2, at.positions[0], v)
-        else:  # [B, S, n_kv, hd] views, indexed by (batch row, position)
-            self.k[layer].transpose(1, 2)[at.rows, at.positions] = k.transpose(1, 2)
-            self.v[layer].transpose(1, 2)[at.rows, at.positions] = v.transpose(1, 2)
-        return self.k[layer, :, :, : at.span], self.v[layer, :, :, : at.span]
-
-
-@dataclass(frozen=True, slots=True)
-class CacheSlots:
-    """Where one forward pass writes in a `KVCache`: the same for every layer, so made once."""
-
-    cache: KVCache
-    positions: Tensor  # [B, T]
-    rows: Tensor  # [B, T]: each token's batch row
-    span: int  # positions 0..span-1 are attended to
-
-    @classmethod
-    def of(cls, cache: KVCache, positions: Tensor, span: int) -> CacheSlots:
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        return cls(cache, positions, rows.expand_as(positions), span)
 
 
 class Attention(nn.Module):

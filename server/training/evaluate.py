@@ -27,8 +27,9 @@ import torch
 from tqdm import tqdm
 
 from server.bank.reader import Bank
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor
+from server.model.kv_cache import KVCache
 from server.model.memory import MemoryBlock
 from server.model.memory_batch import build_memory_batch
 from server.routing.tree import Router

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.model.anchor import KVCache, layer_memories
+from server.model.anchor import layer_memories
+from server.model.kv_cache import KVCache
 from server.model.memory import FFNBlock, MemoryType
 from server.model.memory_batch import build_memory_batch
 from tests.server.model.conftest import CFG, anchor, random_block

@@ -14,9 +14,10 @@ import pytest
 import torch
 import transformers
 
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
 from server.model.checkpoint import load_anchor, save_anchor
 from server.model.errors import UnsupportedArchitectureError
+from server.model.kv_cache import KVCache
 from server.model.memory import FFNBlock, KVBlock, LoRABlock, MemoryBlock, MemoryType
 from server.model.memory_batch import build_memory_batch
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model.anchor import Anchor, KVCache
+from server.model.anchor import Anchor
 from server.model.config import AnchorConfig
+from server.model.kv_cache import KVCache
 from server.model.memory import (
     FFNBlock,
     MemoryFormatError,
